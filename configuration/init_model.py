@@ -1,0 +1,78 @@
+"""`moe-vlm init`: write an upcycled, ready-to-train model directory (the paper's Stage 0; the authors' code
+calls it `create_moe_model`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from modeling_moe_vlm import MoeVlmForCausalLM
+
+from .presets import load_preset
+from .tokenizer import build_processor
+
+COMPLETION_MARKER = "moe_vlm_stage.json"
+
+
+def load_vision_state(path: str) -> dict[str, torch.Tensor]:
+    """A vision tower state dict from an open_clip checkpoint file (a whole CLIP's `visual.*` keys or bare)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    visual = {k.removeprefix("module.")[len("visual.") :]: v for k, v in state.items() if "visual." in k}
+    return visual or state
+
+
+def init_model(
+    out: str | Path,
+    preset: str = "tiny",
+    mistral: str | MistralForCausalLM | None = None,
+    vision=None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    **overrides,
+) -> Path:
+    """Build the dense Mistral (random for `tiny` unless `mistral` is given), upcycle it with
+    `MoeVlmForCausalLM.from_mistral`, save model + processor to `out`, and write the completion marker last.
+
+    `vision`: open_clip `NAME:TAG`, a checkpoint file path, an open_clip model, or None (the preset's default:
+    random inline tower for `tiny`, `ViT-L-14:openai` for `paper`)."""
+    spec = load_preset(preset)
+    out = Path(out)
+    mistral = mistral if mistral is not None else spec.get("mistral")
+    torch.manual_seed(seed)
+    if mistral is None:
+        dense = MistralForCausalLM(MistralConfig(**spec["mistral_config"]))
+    elif isinstance(mistral, (str, Path)):
+        dense = MistralForCausalLM.from_pretrained(str(mistral), dtype=dtype or torch.float32)
+    else:
+        dense = mistral
+    vision = vision if vision is not None else spec.get("vision")
+    fields = {**spec["moe_vlm"], **overrides}
+    if isinstance(vision, (str, Path)) and Path(vision).is_file():
+        vision = load_vision_state(str(vision))
+    elif isinstance(vision, str):
+        fields.pop("vision_config", None)  # from_mistral describes the named open_clip tower itself
+    model = MoeVlmForCausalLM.from_mistral(dense, vision=vision, seed=seed, dtype=dtype, **fields)
+    processor = build_processor(model.config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / COMPLETION_MARKER).unlink(missing_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    marker = {
+        "stage": "0",
+        "name": "upcycle",
+        "preset": preset,
+        "seed": seed,
+        "mistral": mistral if isinstance(mistral, str) else None,
+        "vision": vision if isinstance(vision, str) else ("checkpoint" if vision is not None else None),
+    }
+    (out / COMPLETION_MARKER).write_text(json.dumps(marker, indent=2))
+    return out

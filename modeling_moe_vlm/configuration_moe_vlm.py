@@ -1,0 +1,259 @@
+"""Configuration of MoeVlm: a Mistral decoder whose FFNs are 2-expert MoE layers, fed by an open_clip vision tower.
+
+`MoeVlmConfig` extends `MistralConfig` (so a dense Mistral checkpoint's config is a valid starting point) with the
+MoE fields of the paper (two experts, top-1 linear router, routing mode per training stage) and a vision
+sub-config. It lives beside the modeling file because transformers' remote code copies only single-dot sibling
+imports: a Hub repo must carry this file next to `modeling_moe_vlm.py`.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import MistralConfig, PreTrainedConfig
+
+ROUTER_MODES = ("hard", "gumbel", "softmax", "modality_aware")
+CONNECTOR_TYPES = ("linear", "mlp2x_gelu")
+MODALITIES = ("vision", "text")
+
+
+@strict
+class MoeVlmVisionConfig(PreTrainedConfig):
+    r"""The open_clip vision tower: a named model (`model_name`, optionally with a `pretrained` tag whose weights are
+    copied in by `MoeVlmForCausalLM.from_mistral`) or an inline `vision_cfg` (open_clip `CLIPVisionCfg` fields) for
+    tiny towers built offline. A named model's `vision_cfg` and `embed_dim` are resolved from open_clip's bundled
+    model configs, so a saved config always carries the full architecture and loads without open_clip's registry.
+
+    Args:
+        model_name (`str`, *optional*): open_clip model name, e.g. `"ViT-L-14"`.
+        pretrained (`str`, *optional*): open_clip pretrained tag, e.g. `"openai"` (only used when upcycling).
+        embed_dim (`int`, *optional*): CLIP joint embedding size (the tower's output projection).
+        vision_cfg (`dict`, *optional*): open_clip `CLIPVisionCfg` fields (`image_size`, `patch_size`, `width`, ...).
+        quick_gelu (`bool`): OpenAI CLIP weights were trained with QuickGELU.
+        image_mean / image_std (`list[float]`, *optional*): normalisation the processor applies (OpenAI CLIP's by
+            default).
+    """
+
+    model_type = "moe_vlm_vision"
+    base_config_key = "vision_config"
+
+    model_name: str | None = None
+    pretrained: str | None = None
+    embed_dim: int | None = None
+    vision_cfg: dict | None = None
+    quick_gelu: bool = False
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.vision_cfg is None:
+            if self.model_name is None:
+                raise ValueError(
+                    "MoeVlmVisionConfig needs either `model_name` (an open_clip model) or `vision_cfg`."
+                )
+            import open_clip  # only needed to resolve a named architecture
+
+            resolved = open_clip.get_model_config(self.model_name)
+            if resolved is None:
+                raise ValueError(
+                    f"open_clip has no model config named {self.model_name!r}; see open_clip.list_models()."
+                )
+            self.vision_cfg = dict(resolved["vision_cfg"])
+            self.embed_dim = resolved["embed_dim"] if self.embed_dim is None else self.embed_dim
+            self.quick_gelu = bool(resolved.get("quick_gelu", False)) or self.quick_gelu
+        # OpenAI's CLIP weights were trained with QuickGELU; open_clip warns and degrades without it.
+        self.quick_gelu = self.quick_gelu or self.pretrained == "openai"
+        for key in ("image_size", "patch_size", "width", "layers"):
+            if key not in self.vision_cfg:
+                raise ValueError(
+                    f"vision_cfg must define {key!r} (open_clip CLIPVisionCfg field); got {self.vision_cfg}"
+                )
+        if self.embed_dim is None:
+            self.embed_dim = self.vision_cfg["width"]
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        # OpenAI CLIP normalisation (open_clip's OPENAI_DATASET_MEAN / STD), the default of every CLIP tower here.
+        self.image_mean = self.image_mean or [0.48145466, 0.4578275, 0.40821073]
+        self.image_std = self.image_std or [0.26862954, 0.26130258, 0.27577711]
+        super().__post_init__(**kwargs)
+
+    @property
+    def image_size(self) -> int:
+        size = self.vision_cfg["image_size"]
+        return size[0] if isinstance(size, (list, tuple)) else size
+
+    @property
+    def patch_size(self) -> int:
+        return self.vision_cfg["patch_size"]
+
+    @property
+    def width(self) -> int:
+        """Width of the transformer blocks, i.e. the size of the patch tokens the connector receives."""
+        return self.vision_cfg["width"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.vision_cfg["layers"]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@strict
+class MoeVlmConfig(MistralConfig):
+    r"""Mistral + 2-expert MoE FFNs + open_clip vision tower + connector.
+
+    MoE args:
+        num_experts (`int`, defaults to 2): experts per MoE layer (the paper: expert 0 = vision, expert 1 = text).
+        num_experts_per_tok (`int`, defaults to 1): top-k (the paper routes top-1).
+        moe_layers (`list[int]`, *optional*): which decoder layers get an MoE FFN; default all. An empty list gives
+            the dense VLM (the paper's dense control).
+        router_mode (`str`): `hard` (image tokens to `modality_to_expert["vision"]`, text to `["text"]`, router
+            bypassed: Stage 2), `gumbel` (straight-through Gumbel-softmax top-1: Stage 3), `softmax` (plain top-k
+            softmax, Mixtral/Switch style) or `modality_aware` (the router also sees a learned modality embedding,
+            then routes like `gumbel`). Switchable on a loaded model with `model.set_router_mode(...)`.
+        gumbel_tau (`float`): Gumbel-softmax temperature.
+        router_dropout (`float`): dropout on the router's input during training.
+        modality_to_expert (`dict`): `{"vision": 0, "text": 1}` by default.
+        modality_embed_dim (`int`): size of the learned modality embedding of the `modality_aware` router.
+        router_aux_loss_coef (`float`): Switch load-balancing loss coefficient (0: the paper uses none).
+        router_z_loss_coef (`float`): router z-loss coefficient (0 by default).
+        router_specialisation_loss_coef (`float`): coefficient of a loss penalising the router for leaving the
+            Stage-2 expert roles (cross-entropy of the router towards `modality_to_expert`; the paper's future work).
+        output_router_logits (`bool`): return per-layer router logits and chosen experts.
+    Vision args:
+        vision_config (`MoeVlmVisionConfig` or dict): the open_clip tower; `None` gives a text-only model.
+        vision_feature_layer (`int`, defaults to -2): transformer block whose patch tokens feed the connector.
+        image_token_id (`int`, defaults to 10): the placeholder id (`[IMG]` in the Mistral v0.3 vocabulary).
+        num_image_tokens (`int`, *optional*): placeholders per image; must equal the tower's patch count.
+        connector_type (`str`): `linear` (the paper) or `mlp2x_gelu` (LLaVA-1.5 and the authors' code).
+        freeze_vision_tower (`bool`, defaults to True): the paper keeps CLIP frozen in every stage.
+    """
+
+    model_type = "moe_vlm"
+    sub_configs = {"vision_config": MoeVlmVisionConfig}
+    # Mixtral's experts read `num_local_experts`; ours is called `num_experts` (the issue's name).
+    attribute_map = {"num_local_experts": "num_experts"}
+    # Mistral's plan names `mlp.gate_proj`, which an MoE layer no longer has: use Mixtral's expert plan.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+    }
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
+
+    num_experts: int = 2
+    num_experts_per_tok: int = 1
+    moe_layers: list[int] | None = None
+    router_mode: str = "hard"
+    gumbel_tau: float | int = 1.0
+    router_dropout: float | int = 0.0
+    modality_to_expert: dict | None = None
+    modality_embed_dim: int = 16
+    router_aux_loss_coef: float | int = 0.0
+    router_z_loss_coef: float | int = 0.0
+    router_specialisation_loss_coef: float | int = 0.0
+    output_router_logits: bool = False
+
+    vision_config: dict | PreTrainedConfig | None = None
+    vision_feature_layer: int = -2
+    image_token_id: int = 10
+    num_image_tokens: int | None = None
+    connector_type: str = "linear"
+    freeze_vision_tower: bool = True
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.vision_config, dict):
+            self.vision_config = MoeVlmVisionConfig(**self.vision_config)
+        if self.moe_layers is None:
+            self.moe_layers = list(range(self.num_hidden_layers))
+        self.moe_layers = sorted(int(i) for i in self.moe_layers)
+        if self.modality_to_expert is None:
+            self.modality_to_expert = {"vision": 0, "text": 1}
+        if self.vision_config is not None and self.num_image_tokens is None:
+            self.num_image_tokens = self.vision_config.num_patches
+        super().__post_init__(**kwargs)
+        self.check_moe_vlm()
+
+    def check_moe_vlm(self) -> None:
+        """Raise a ValueError naming the field to fix when values are inconsistent."""
+        for name in ("num_experts", "num_experts_per_tok", "image_token_id", "modality_embed_dim"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}"
+            )
+        self.check_router_mode(self.router_mode)
+        bad_layers = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
+        if bad_layers or len(set(self.moe_layers)) != len(self.moe_layers):
+            raise ValueError(
+                f"moe_layers must be distinct indices in [0, num_hidden_layers={self.num_hidden_layers}); got "
+                f"{self.moe_layers}"
+            )
+        if set(self.modality_to_expert) != set(MODALITIES):
+            raise ValueError(
+                f"modality_to_expert must map exactly {MODALITIES} to experts, got {self.modality_to_expert}"
+            )
+        for modality, expert in self.modality_to_expert.items():
+            if not 0 <= int(expert) < self.num_experts:
+                raise ValueError(
+                    f"modality_to_expert[{modality!r}]={expert} is not an expert index < {self.num_experts}"
+                )
+        if self.gumbel_tau <= 0:
+            raise ValueError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
+        if not 0 <= self.router_dropout < 1:
+            raise ValueError(f"router_dropout must be in [0, 1), got {self.router_dropout}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_specialisation_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.connector_type not in CONNECTOR_TYPES:
+            raise ValueError(f"connector_type must be one of {CONNECTOR_TYPES}, got {self.connector_type!r}")
+        if not 0 <= self.image_token_id < self.vocab_size:
+            raise ValueError(
+                f"image_token_id {self.image_token_id} is outside the vocabulary (size {self.vocab_size})"
+            )
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size})"
+            )
+        if self.vision_config is not None:
+            n_layers = self.vision_config.num_layers
+            if not -n_layers <= self.vision_feature_layer < n_layers:
+                raise ValueError(
+                    f"vision_feature_layer {self.vision_feature_layer} is out of range for a {n_layers}-block vision tower"
+                )
+            if self.num_image_tokens != self.vision_config.num_patches:
+                raise ValueError(
+                    f"num_image_tokens={self.num_image_tokens} but the vision tower yields "
+                    f"{self.vision_config.num_patches} patch tokens ({self.vision_config.image_size}px / patch "
+                    f"{self.vision_config.patch_size}); make them equal"
+                )
+            if self.num_image_tokens >= self.max_position_embeddings:
+                raise ValueError(
+                    f"num_image_tokens={self.num_image_tokens} leaves no room for text within "
+                    f"max_position_embeddings={self.max_position_embeddings}"
+                )
+
+    def check_router_mode(self, mode: str) -> None:
+        if mode not in ROUTER_MODES:
+            raise ValueError(f"router_mode must be one of {ROUTER_MODES}, got {mode!r}")
+        if mode != "softmax" and self.num_experts_per_tok != 1:
+            raise ValueError(
+                f"router_mode {mode!r} routes top-1: set num_experts_per_tok=1 (got {self.num_experts_per_tok})"
+            )
+
+
+__all__ = ["MoeVlmConfig", "MoeVlmVisionConfig", "ROUTER_MODES", "CONNECTOR_TYPES"]

@@ -1,0 +1,686 @@
+"""MoeVlm: a Mistral decoder whose FFNs are 2-expert MoE layers behind a top-1 linear router, fed by a frozen
+open_clip vision tower through a connector (LLaVA-style placeholder merge).
+
+The paper (Ticinovic & Han, "Expert Collapse and Compositional Failure in Simple Multimodal MoE") trains it in
+stages that differ only in what trains and how tokens are routed, so routing is a runtime switch:
+`hard` sends image tokens to the vision expert and text tokens to the text expert (Stage 2), `gumbel` routes with a
+straight-through Gumbel-softmax (Stage 3), `softmax` is Mixtral/Switch-style and `modality_aware` adds a learned
+modality embedding to the router's input (the review's proposal).
+
+Built on transformers' own MoE machinery: the experts are stacked like Mixtral's, so `experts_implementation`
+("eager" | "grouped_mm" | "batched_mm" | GPU kernels) picks the dispatch kernel; per-layer router logits and chosen
+experts are recorded by `OutputRecorder` hooks into the output dataclass (no module-level state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationConfig, MistralForCausalLM, MistralModel
+from transformers.integrations import use_experts_implementation
+from transformers.loss.loss_utils import fixed_cross_entropy
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.models.mistral.modeling_mistral import (
+    MistralAttention,
+    MistralDecoderLayer,
+    MistralPreTrainedModel,
+    MistralRMSNorm,
+    MistralRotaryEmbedding,
+)
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_moe_vlm import MoeVlmConfig, MoeVlmVisionConfig
+
+
+@dataclass
+class MoeVlmModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    router_logits (`tuple[torch.FloatTensor]`): one `(batch * seq, num_experts)` tensor per MoE layer (in
+        `config.moe_layers` order), the router's raw logits, recorded with `output_router_logits=True`.
+    router_indices (`tuple[torch.LongTensor]`): one `(batch * seq, num_experts_per_tok)` tensor per MoE layer, the
+        expert(s) each token was dispatched to (after any inversion).
+    modality_mask (`torch.BoolTensor`): `(batch, seq)`, True at image-placeholder positions.
+    """
+
+    router_indices: tuple[torch.LongTensor, ...] | None = None
+    modality_mask: torch.BoolTensor | None = None
+
+
+@dataclass
+class MoeVlmCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    Adds to `MoeCausalLMOutputWithPast` (whose `aux_loss` holds the weighted sum of the router losses):
+    router_indices (`tuple[torch.LongTensor]`): per MoE layer, the chosen expert(s) of every token.
+    modality_mask (`torch.BoolTensor`): `(batch, seq)`, True at image-placeholder positions.
+    load_balancing_loss / z_loss / specialisation_loss (`torch.FloatTensor`): the unweighted router losses, present
+        when router outputs were requested or a coefficient is > 0.
+
+    During training with `labels`, logits are only computed where labels need them and `logits` is `None`.
+    """
+
+    router_indices: tuple[torch.LongTensor, ...] | None = None
+    modality_mask: torch.BoolTensor | None = None
+    load_balancing_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    specialisation_loss: torch.FloatTensor | None = None
+
+
+class MoeVlmRMSNorm(MistralRMSNorm):
+    pass
+
+
+class MoeVlmRouter(nn.Module):
+    """Linear router. Returns `(logits, top_k_weights, top_k_index)` as Mixtral's does, so recorders pick logits
+    (index 0) and chosen experts (index 2) and the experts take weights and indices unchanged.
+
+    The weight a token's expert output is multiplied by carries the router's gradient: in `gumbel` mode it is the
+    straight-through gate (value 1, gradient of the soft sample); a constant 1 would leave the router untrained.
+    """
+
+    def __init__(self, config: MoeVlmConfig):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        # modality_aware: logits += W_m e_m, a learned embedding of the token's modality (0 text, 1 image).
+        self.modality_embedding = nn.Embedding(2, config.modality_embed_dim)
+        self.modality_proj = nn.Linear(config.modality_embed_dim, config.num_experts, bias=False)
+        self.dropout = nn.Dropout(config.router_dropout)
+        # Crossover test switch: send every token to the other expert ((index + 1) mod E). Not saved.
+        self.invert = False
+
+    def forward(self, hidden_states: torch.Tensor, is_image: torch.Tensor):
+        # hidden_states: (tokens, hidden); is_image: (tokens,) bool
+        mode = self.config.router_mode
+        logits = F.linear(self.dropout(hidden_states), self.weight)  # (tokens, E)
+        if mode == "modality_aware":
+            logits = logits + self.modality_proj(self.modality_embedding(is_image.long()))
+        if mode == "hard":
+            vision, text = self.config.modality_to_expert["vision"], self.config.modality_to_expert["text"]
+            index = torch.where(is_image, vision, text).unsqueeze(-1)  # (tokens, 1)
+            weights = torch.ones_like(index, dtype=hidden_states.dtype)
+        elif mode == "softmax":
+            probs = logits.float().softmax(dim=-1)
+            weights, index = probs.topk(self.config.num_experts_per_tok, dim=-1)
+            if self.config.num_experts_per_tok > 1:  # Mixtral renormalises top-k; top-1 keeps p (Switch) so
+                weights = weights / weights.sum(dim=-1, keepdim=True)  # the router still gets a gradient
+        else:  # gumbel, modality_aware: straight-through Gumbel-softmax top-1; argmax without noise in eval
+            if self.training:
+                gates = F.gumbel_softmax(logits.float(), tau=self.config.gumbel_tau, hard=True)  # (tokens, E)
+            else:
+                gates = F.one_hot(logits.argmax(dim=-1), self.num_experts).float()
+            index = gates.argmax(dim=-1, keepdim=True)
+            weights = gates.gather(-1, index)  # value 1, gradient through the soft sample
+        if self.invert:
+            index = (index + 1) % self.num_experts
+        return logits, weights.to(hidden_states.dtype), index
+
+
+@use_experts_implementation
+class MoeVlmExperts(MixtralExperts):
+    """`num_experts` SwiGLU experts shaped like Mistral's MLP, stacked as Mixtral's: `gate_up_proj` (E, 2I, H) and
+    `down_proj` (E, H, I). Each token runs only through its chosen expert: `config._experts_implementation` picks
+    the kernel (grouped_mm sorts tokens per expert; eager loops over experts, never tokens)."""
+
+    # Mixtral's eager kernel, undecorated (the decorator above adds the kernel dispatch once).
+    forward = MixtralExperts.forward.__wrapped__
+
+
+class MoeVlmSparseMoeBlock(nn.Module):
+    """Router + experts. The modality mask travels in so `hard` and `modality_aware` routing can read it."""
+
+    def __init__(self, config: MoeVlmConfig):
+        super().__init__()
+        self.gate = MoeVlmRouter(config)
+        self.experts = MoeVlmExperts(config)
+
+    def forward(self, hidden_states: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, hidden = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden)  # (batch * seq, hidden)
+        if modality_mask is None:
+            is_image = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+        else:
+            is_image = modality_mask.reshape(-1)
+        _, weights, index = self.gate(flat, is_image)
+        out = self.experts(flat, index, weights)  # (batch * seq, hidden)
+        return out.reshape(batch, seq, hidden)
+
+
+class MoeVlmDecoderLayer(MistralDecoderLayer):
+    """Mistral's decoder layer; its MLP is an MoE block when the layer is listed in `config.moe_layers`."""
+
+    def __init__(self, config: MoeVlmConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.is_moe = layer_idx in config.moe_layers
+        if self.is_moe:
+            self.mlp = MoeVlmSparseMoeBlock(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        modality_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states, modality_mask) if self.is_moe else self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class MoeVlmVisionTower(nn.Module):
+    """open_clip ViT (frozen in every stage of the paper). Yields the patch tokens (CLS removed) of block
+    `vision_feature_layer` (penultimate by default, as LLaVA)."""
+
+    def __init__(self, config: MoeVlmConfig):
+        super().__init__()
+        vision: MoeVlmVisionConfig = config.vision_config
+        # open_clip's own builder of CLIP.visual: the same module (and state-dict keys) as a CLIP model's tower,
+        # so pretrained CLIP weights load as `visual.*`.
+        self.visual = open_clip.model._build_vision_tower(
+            vision.embed_dim, vision.vision_cfg, vision.quick_gelu
+        )
+        self.feature_layer = config.vision_feature_layer
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: (images, 3, S, S) -> (images, patches, width)
+        out = self.visual.forward_intermediates(
+            pixel_values,
+            indices=[self.feature_layer],
+            stop_early=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+        )
+        return out["image_intermediates"][0]
+
+
+class MoeVlmConnector(nn.Module):
+    """Projects vision patch tokens into the LLM's embedding space: `linear` (the paper) or `mlp2x_gelu`
+    (LLaVA-1.5, the authors' code)."""
+
+    def __init__(self, config: MoeVlmConfig):
+        super().__init__()
+        in_dim = config.vision_config.width
+        self.linear_1 = nn.Linear(in_dim, config.hidden_size)
+        if config.connector_type == "mlp2x_gelu":
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(config.hidden_size, config.hidden_size)
+        else:
+            self.act = self.linear_2 = None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear_1(features)  # (images, patches, hidden)
+        if self.linear_2 is not None:
+            hidden = self.linear_2(self.act(hidden))
+        return hidden
+
+
+class MoeVlmPreTrainedModel(MistralPreTrainedModel):
+    config: MoeVlmConfig
+    config_class = MoeVlmConfig
+    _no_split_modules = ["MoeVlmDecoderLayer"]
+    _can_compile_fullgraph = False  # data-dependent dispatch
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(MoeVlmRouter, index=0),
+        "router_indices": OutputRecorder(MoeVlmRouter, index=2),
+        "hidden_states": MoeVlmDecoderLayer,
+        "attentions": MistralAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MoeVlmExperts):
+            module.gate_up_proj.normal_(mean=0.0, std=std)
+            module.down_proj.normal_(mean=0.0, std=std)
+        elif isinstance(module, MoeVlmRouter):
+            module.weight.normal_(mean=0.0, std=std)
+            module.modality_proj.weight.normal_(mean=0.0, std=std)
+            module.modality_embedding.weight.normal_(mean=0.0, std=1.0)
+
+
+class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
+    """Embeddings + vision tower + connector + decoder layers. Image features replace the `image_token_id`
+    placeholders (count-checked, `masked_scatter`, as LLaVA); the same placeholder mask is the modality mask that
+    hard routing reads."""
+
+    def __init__(self, config: MoeVlmConfig):
+        MoeVlmPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MoeVlmDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = MoeVlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MistralRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        if config.vision_config is not None:
+            self.vision_tower = MoeVlmVisionTower(config)
+            self.connector = MoeVlmConnector(config)
+        else:
+            self.vision_tower = self.connector = None
+        self.post_init()
+        self.freeze_vision_tower()
+
+    def freeze_vision_tower(self) -> None:
+        if self.vision_tower is not None and self.config.freeze_vision_tower:
+            self.vision_tower.requires_grad_(False)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, 3, S, S) -> (images, num_image_tokens, hidden)."""
+        if self.vision_tower is None:
+            raise ValueError(
+                "pixel_values were given but this model has no vision tower (config.vision_config=None)"
+            )
+        size = self.config.vision_config.image_size
+        if (
+            pixel_values.ndim != 4
+            or pixel_values.shape[1] != 3
+            or tuple(pixel_values.shape[2:]) != (size, size)
+        ):
+            raise ValueError(
+                f"pixel_values must be (images, 3, {size}, {size}) for this vision tower, got {tuple(pixel_values.shape)};"
+                " preprocess images with MoeVlmProcessor"
+            )
+        pixel_values = pixel_values.to(self.connector.linear_1.weight.dtype)
+        if self.config.freeze_vision_tower:
+            with torch.no_grad():
+                features = self.vision_tower(pixel_values)
+        else:
+            features = self.vision_tower(pixel_values)
+        return self.connector(features)
+
+    @staticmethod
+    def check_placeholders(modality_mask: torch.Tensor, image_features: torch.Tensor) -> None:
+        n_tokens, n_features = int(modality_mask.sum()), image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"Image features and image placeholders do not match: {n_tokens} placeholder tokens but "
+                f"{image_features.shape[0]} image(s) x {image_features.shape[1]} tokens = {n_features}. Each image "
+                "needs exactly one `<image>` marker (expanded by MoeVlmProcessor)."
+            )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        modality_mask: torch.BoolTensor | None = None,
+        **kwargs,
+    ) -> MoeVlmModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (batch, seq, hidden)
+        batch, seq = inputs_embeds.shape[:2]
+        if modality_mask is None:
+            if input_ids is not None:
+                modality_mask = input_ids == self.config.image_token_id
+            else:
+                modality_mask = torch.zeros(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
+        modality_mask = modality_mask.to(device=inputs_embeds.device, dtype=torch.bool)
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_seen + seq > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence of {past_seen + seq} tokens is longer than the model's context "
+                f"(max_position_embeddings={self.config.max_position_embeddings}); truncate the text"
+            )
+
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+            self.check_placeholders(modality_mask, image_features)
+            mask = modality_mask.unsqueeze(-1).expand_as(inputs_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+        elif bool(modality_mask.any()):
+            raise ValueError(
+                f"input has {int(modality_mask.sum())} image placeholder tokens but no pixel_values; pass the images"
+            )
+
+        if position_ids is None:
+            position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+        mask_function = (
+            create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        )
+        causal_mask = mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                modality_mask=modality_mask,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return MoeVlmModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            modality_mask=modality_mask,
+        )
+
+
+def router_losses(
+    router_logits: tuple[torch.Tensor, ...],
+    router_indices: tuple[torch.Tensor, ...],
+    modality_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    config: MoeVlmConfig,
+) -> dict[str, torch.Tensor]:
+    """Switch load balance, router z-loss and the specialisation loss, from one log-softmax per layer.
+
+    load balance = E * sum_e f_e * P_e (Switch eq. 4-6) with f_e the share of tokens dispatched to e (the actual
+    dispatch, so Gumbel noise counts) and P_e the mean router probability, both pooled over layers as
+    transformers' `load_balancing_loss_func` does (equal to it when dispatch is the top-k of the probabilities).
+    z-loss = mean logsumexp(logits)^2 (ST-MoE). specialisation = cross-entropy of the router towards
+    `modality_to_expert` (the paper's future work: penalise leaving the Stage-2 roles). Padding is excluded; z and
+    specialisation are means over layers.
+    """
+    num_experts = config.num_experts
+    valid = (
+        torch.ones_like(modality_mask)
+        if attention_mask is None
+        else attention_mask[:, -modality_mask.shape[1] :]
+    )
+    valid = valid.reshape(-1).float()  # (tokens,)
+    n_valid = valid.sum().clamp_min(1.0)
+    target = torch.where(
+        modality_mask.reshape(-1), config.modality_to_expert["vision"], config.modality_to_expert["text"]
+    )
+    dispatched_sum = torch.zeros(num_experts, device=valid.device)
+    prob_sum = torch.zeros(num_experts, device=valid.device)
+    z, spec = [], []
+    for logits, index in zip(router_logits, router_indices):
+        log_probs = logits.float().log_softmax(dim=-1)  # the single softmax: (tokens, E)
+        dispatched = F.one_hot(index, num_experts).sum(dim=1).float()  # (tokens, E)
+        dispatched_sum = dispatched_sum + (dispatched * valid[:, None]).sum(0)
+        prob_sum = prob_sum + (log_probs.exp() * valid[:, None]).sum(0)
+        logsumexp = logits.float()[:, 0] - log_probs[:, 0]  # log Z = logit - log p, for any column
+        z.append((logsumexp.square() * valid).sum() / n_valid)
+        spec.append(-(log_probs.gather(-1, target[:, None]).squeeze(-1) * valid).sum() / n_valid)
+    n_rows = n_valid * len(router_logits)
+    return {
+        "load_balancing_loss": num_experts * ((dispatched_sum / n_rows) * (prob_sum / n_rows)).sum(),
+        "z_loss": torch.stack(z).mean(),
+        "specialisation_loss": torch.stack(spec).mean(),
+    }
+
+
+class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
+    """The VLM with a language-modelling head. `from_mistral` upcycles a dense Mistral (Stage 0);
+    `set_router_mode` / `set_invert_routing` switch routing on a loaded model without reloading weights."""
+
+    def __init__(self, config: MoeVlmConfig):
+        MoeVlmPreTrainedModel.__init__(self, config)
+        self.model = MoeVlmModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        # Generated tokens are text: never sample the image placeholder.
+        if self.generation_config is None:
+            self.generation_config = GenerationConfig.from_model_config(config)
+        self.generation_config.suppress_tokens = [config.image_token_id]
+
+    # ----- routing switches -------------------------------------------------------------------------------------
+    def moe_blocks(self) -> dict[int, MoeVlmSparseMoeBlock]:
+        """MoE blocks keyed by decoder-layer index."""
+        return {i: layer.mlp for i, layer in enumerate(self.model.layers) if layer.is_moe}
+
+    def set_router_mode(self, mode: str) -> None:
+        """Switch routing (`hard` | `gumbel` | `softmax` | `modality_aware`) in place; weights are untouched."""
+        self.config.check_router_mode(mode)
+        self.config.router_mode = mode
+
+    def set_invert_routing(self, invert: bool = True, layers: list[int] | None = None) -> None:
+        """Send each token to the other expert in `layers` (default: every MoE layer) — the crossover test.
+        Layers not listed are reset to normal routing."""
+        blocks = self.moe_blocks()
+        chosen = set(blocks) if layers is None else set(layers)
+        unknown = chosen - set(blocks)
+        if unknown:
+            raise ValueError(f"layers {sorted(unknown)} are not MoE layers; MoE layers are {sorted(blocks)}")
+        for i, block in blocks.items():
+            block.gate.invert = bool(invert) and i in chosen
+
+    # ----- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.model.freeze_vision_tower()  # from_pretrained rebuilds parameters with requires_grad=True
+        return model
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and inputs.get("use_cache", True):
+            inputs.pop("modality_mask", None)  # only the prompt carries images; new tokens are text
+        return inputs
+
+    def _needs_router_outputs(self, requested: bool) -> bool:
+        cfg = self.config
+        losses = cfg.router_aux_loss_coef or cfg.router_z_loss_coef or cfg.router_specialisation_loss_coef
+        return bool(cfg.moe_layers) and (requested or bool(losses))
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        modality_mask: torch.BoolTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeVlmCausalLMOutputWithPast:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(images, 3, S, S)`): one per `<image>` marker, in order.
+        modality_mask (`torch.BoolTensor` of shape `(batch, seq)`): True at image tokens; derived from
+            `input_ids == config.image_token_id` when omitted.
+        output_router_logits (`bool`): return per-MoE-layer router logits and chosen experts.
+        """
+        requested = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        need_router = self._needs_router_outputs(requested)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs: MoeVlmModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            modality_mask=modality_mask,
+            output_router_logits=need_router,
+            output_router_indices=need_router,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (batch, seq, hidden)
+        loss = logits = None
+        if labels is not None and self.training:
+            # Logits only where labels need them: with a 32k vocabulary the LM head dominates a small model.
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # (batch, seq): label of the next token
+            keep = shift_labels != -100
+            selected = self.lm_head(hidden_states[keep]).float()  # (labelled tokens, vocab)
+            loss = fixed_cross_entropy(selected, shift_labels[keep], num_items_in_batch)
+        else:
+            slice_indices = (
+                slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            )
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            if labels is not None:
+                loss = self.loss_function(
+                    logits, labels, self.vocab_size, num_items_in_batch=num_items_in_batch
+                )
+
+        terms, aux_loss = {}, None
+        if need_router and outputs.router_logits:
+            terms = router_losses(
+                outputs.router_logits,
+                outputs.router_indices,
+                outputs.modality_mask,
+                attention_mask,
+                self.config,
+            )
+            cfg = self.config
+            aux_loss = (
+                cfg.router_aux_loss_coef * terms["load_balancing_loss"]
+                + cfg.router_z_loss_coef * terms["z_loss"]
+                + cfg.router_specialisation_loss_coef * terms["specialisation_loss"]
+            )
+            if loss is not None and (
+                cfg.router_aux_loss_coef or cfg.router_z_loss_coef or cfg.router_specialisation_loss_coef
+            ):
+                loss = loss + aux_loss.to(loss.device)
+
+        return MoeVlmCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if requested else None,
+            router_indices=outputs.router_indices if requested else None,
+            modality_mask=outputs.modality_mask,
+            **terms,
+        )
+
+    # ----- upcycling (Stage 0) ----------------------------------------------------------------------------------
+    @classmethod
+    def from_mistral(
+        cls,
+        mistral,
+        *,
+        vision=None,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        **config_overrides,
+    ) -> MoeVlmForCausalLM:
+        """Upcycle a dense Mistral into the MoE VLM (the paper's Stage 0; the authors' `create_moe_model`).
+
+        Attention, norms, embeddings and head are copied; every expert of an MoE layer is a copy of that layer's
+        dense MLP (experts identical at initialisation, as in the paper); routers and the connector are freshly
+        initialised from `seed`. `mistral` is a `MistralForCausalLM`, a local path or a Hub id. `vision` is an
+        open_clip `CLIP` model, its `.visual` tower or that tower's state dict, whose weights are copied in, or
+        `"NAME:TAG"` (e.g. `"ViT-L-14:openai"`, downloaded by open_clip), or None (tower randomly initialised from
+        `config_overrides["vision_config"]`). `config_overrides` set any `MoeVlmConfig` field.
+        """
+        if isinstance(mistral, str):
+            mistral = MistralForCausalLM.from_pretrained(mistral, dtype=dtype or torch.float32)
+        dense_cfg = mistral.config.to_dict()
+        for key in (
+            "model_type",
+            "architectures",
+            "auto_map",
+            "transformers_version",
+            "dtype",
+            "torch_dtype",
+        ):
+            dense_cfg.pop(key, None)
+        vision_state = None
+        if isinstance(vision, str):
+            name, _, tag = vision.partition(":")
+            vision_state = open_clip.create_model(name, pretrained=tag or None).visual.state_dict()
+            config_overrides["vision_config"] = {"model_name": name, "pretrained": tag or None}
+        elif isinstance(vision, dict):
+            vision_state = vision
+        elif vision is not None:
+            vision_state = getattr(vision, "visual", vision).state_dict()
+        config = MoeVlmConfig(**{**dense_cfg, **config_overrides})
+
+        torch.manual_seed(seed)
+        model = cls(config)
+        if dtype is not None:
+            model = model.to(dtype)
+        dense_state = mistral.state_dict()
+        target = model.state_dict()
+        moe_layers = set(config.moe_layers)
+        with torch.no_grad():
+            for key, value in dense_state.items():
+                if key in target and target[key].shape == value.shape:
+                    target[key].copy_(value)
+            for i in moe_layers:
+                prefix = f"model.layers.{i}.mlp."
+                gate_up = torch.cat(
+                    [dense_state[prefix + "gate_proj.weight"], dense_state[prefix + "up_proj.weight"]]
+                )
+                experts = model.model.layers[i].mlp.experts
+                experts.gate_up_proj.copy_(gate_up.unsqueeze(0).expand_as(experts.gate_up_proj))
+                experts.down_proj.copy_(
+                    dense_state[prefix + "down_proj.weight"].unsqueeze(0).expand_as(experts.down_proj)
+                )
+            if vision_state is not None:
+                missing, unexpected = model.model.vision_tower.visual.load_state_dict(
+                    vision_state, strict=False
+                )
+                if missing or unexpected:
+                    raise ValueError(
+                        f"the given vision tower does not match vision_config: missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]}"
+                    )
+        model.model.freeze_vision_tower()
+        return model
+
+
+__all__ = [
+    "MoeVlmCausalLMOutputWithPast",
+    "MoeVlmConnector",
+    "MoeVlmDecoderLayer",
+    "MoeVlmExperts",
+    "MoeVlmForCausalLM",
+    "MoeVlmModel",
+    "MoeVlmModelOutputWithPast",
+    "MoeVlmPreTrainedModel",
+    "MoeVlmRouter",
+    "MoeVlmSparseMoeBlock",
+    "MoeVlmVisionTower",
+    "router_losses",
+]

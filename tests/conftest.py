@@ -1,0 +1,74 @@
+"""Shared fixtures: one tiny-config factory used everywhere (transformers' habit), CPU, offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_config(**overrides):
+    """A MoeVlmConfig small enough for a unit test: 2 layers, hidden 64, a 32 px ViT with patch 8 (16 image tokens),
+    the real 32,768-token Mistral vocabulary (so the real tokenizer and `[IMG]` id 10 apply)."""
+    from modeling_moe_vlm import MoeVlmConfig
+
+    fields = dict(
+        vocab_size=32768,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=None,
+        pad_token_id=0,
+        vision_config={
+            "embed_dim": 64,
+            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        },
+    )
+    fields.update(overrides)
+    return MoeVlmConfig(**fields)
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config
+
+
+@pytest.fixture
+def tiny_model():
+    from modeling_moe_vlm import MoeVlmForCausalLM
+
+    torch.manual_seed(0)
+    return MoeVlmForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from configuration import mistral_tokenizer
+
+    return mistral_tokenizer()
+
+
+@pytest.fixture
+def processor(tokenizer):
+    from configuration import build_processor
+
+    return build_processor(tiny_config(), tokenizer=tokenizer)
+
+
+@pytest.fixture
+def red_image():
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (32, 32), "white")
+    ImageDraw.Draw(image).ellipse([8, 8, 24, 24], fill=(220, 30, 30))
+    return image

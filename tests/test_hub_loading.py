@@ -1,0 +1,154 @@
+"""Save -> load in a fresh process with trust_remote_code, outside the repo, offline, with the project's packages
+not importable -> the same logits. Also `moe-vlm init` and `moe-vlm route` from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import tiny_config
+
+from modeling_moe_vlm import MoeVlmForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+
+LOAD_SCRIPT = """
+import sys
+# Hide this project exactly as a stranger's machine would not have it: drop an editable install's finder and any
+# path entry pointing into the repository.
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
+                 and "__editable__" not in type(f).__module__]
+import os
+sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.realpath(sys.argv[4])]
+import json, torch
+try:
+    import modeling_moe_vlm
+    raise SystemExit("the project's package is importable: this would not test remote code")
+except ImportError:
+    pass
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+folder, inputs_file, out_file = sys.argv[1:4]
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+inputs = torch.load(inputs_file)
+with torch.no_grad():
+    out = model(**inputs, output_router_logits=True)
+torch.save({"logits": out.logits, "indices": out.router_indices, "module": type(model).__module__,
+            "processor": type(processor).__name__, "config": type(config).__name__,
+            "frozen": all(not p.requires_grad for p in model.model.vision_tower.parameters())}, out_file)
+"""
+
+
+def _clean_env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
+    return env
+
+
+def _python_outside_repo() -> list[str]:
+    # -I: isolated mode, so neither the cwd nor PYTHONPATH puts the project on sys.path; -P likewise for the script dir.
+    return [sys.executable, "-I"]
+
+
+def test_save_and_remote_code_load_in_fresh_process(tmp_path, processor, red_image):
+    torch.manual_seed(0)
+    model = MoeVlmForCausalLM(tiny_config(router_mode="softmax")).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_moe_vlm.MoeVlmForCausalLM"
+    for name in (
+        "modeling_moe_vlm.py",
+        "configuration_moe_vlm.py",
+        "processing_moe_vlm.py",
+        "model.safetensors",
+    ):
+        assert (folder / name).is_file(), name
+    inputs = dict(processor(images=[red_image], text=["<image>\nA red circle."], return_tensors="pt"))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model(**inputs, output_router_logits=True)
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    result = subprocess.run(
+        [
+            *_python_outside_repo(),
+            str(script),
+            str(folder),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "out.pt"),
+            str(REPO),
+        ],
+        cwd=outside,
+        env=_clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["module"].startswith("transformers_modules.")  # really the remote copy, not this repo
+    assert got["processor"] == "MoeVlmProcessor" and got["config"] == "MoeVlmConfig"
+    assert got["frozen"]
+    torch.testing.assert_close(got["logits"], expected.logits)
+    for a, b in zip(got["indices"], expected.router_indices):
+        assert torch.equal(a, b)
+
+
+def test_cli_init_and_route(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "stage0"
+    subprocess.run(
+        [sys.executable, "-m", "moe_vlm_cli", "init", "--preset", "tiny", "--out", str(out), "--seed", "1"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    marker = json.loads((out / "moe_vlm_stage.json").read_text())
+    assert marker["stage"] == "0" and marker["preset"] == "tiny"
+    model = MoeVlmForCausalLM.from_pretrained(out)
+    for block in model.moe_blocks().values():  # upcycled: experts identical
+        assert torch.equal(block.experts.gate_up_proj[0], block.experts.gate_up_proj[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_vlm_cli", "route", "--model", str(out)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "image->e0" in result.stdout
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 4
+    for row in rows:  # hard routing: all 64 image tokens on expert 0, none of the text tokens
+        image_e0, image_e1, text_e0 = (int(c) for c in row[1:4])
+        assert (image_e0, image_e1, text_e0) == (64, 0, 0)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_vlm_cli",
+            "route",
+            "--model",
+            str(out),
+            "--image",
+            str(tmp_path / "missing.png"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "missing.png" in bad.stderr and "Traceback" not in bad.stderr
