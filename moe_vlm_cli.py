@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:
-            if error.name != name:  # the module exists but something it imports is missing: a real error
-                raise
+            if not name.startswith(error.name or "\0"):  # the command module (or its package) is absent: skip;
+                raise  # anything else it imports is missing: a real error
             continue
         module.register(sub)
     return parser
