@@ -1,0 +1,295 @@
+"""`moe-vlm analyze` and `moe-vlm evaluate`: every analysis of the paper on one checkpoint, written as
+`analysis.json` / `captioning.json` (numbers keyed by layer, each with what it was computed on) plus figures.
+
+Model running lives in `extract.py`, statistics in the pure modules; this file only wires them and records
+provenance (probe set, N, seed, router mode).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import figures
+from .captioning import caption_metrics
+from .cka import linear_cka, weight_distance
+from .compositional import binding_score, compositional_matrix
+from .extract import (
+    concept_labels,
+    crossover_test,
+    expert_outputs,
+    expert_weights,
+    generate_captions,
+    probe_states,
+    routing_arrays,
+)
+from .load import load_report
+from .similarity import concept_matrices, group_concepts
+from .stats import binomial_diagonal_test, bootstrap_ci, permutation_test
+from .tsne import silhouettes, tsne_embed
+
+
+def load_checkpoint(model_dir: str | Path):
+    """Model (eval mode) + processor of a stage directory or Hub id, through the Auto classes."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file() and path.exists():
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json: not a model directory (run `moe-vlm train` first)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=True)
+    return model, processor
+
+
+def load_data(data_dir: str | Path | None, seed: int, image_size: int):
+    """The probe/test splits: a saved DatasetDict (`--data`), else the Shapes world (generated once, cached)."""
+    if data_dir is not None:
+        from datasets import load_from_disk
+
+        return load_from_disk(str(data_dir))
+    from trainer.data import build_shapes
+
+    return build_shapes(seed=seed, image_size=image_size)
+
+
+def _rows(split, limit: int | None) -> list:
+    n = len(split) if limit is None else min(limit, len(split))
+    return [split[i] for i in range(n)]
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def concept_analysis(
+    states: dict, labels: np.ndarray, names: list[str], layers: list[int], seed: int, n_perm: int
+):
+    """Concept-modality matrices and the three tests of the diagonal, per layer."""
+    out = {}
+    for layer in layers:
+        visual = group_concepts(states["visual"][layer + 1], labels, len(names))  # (C, N, D)
+        textual = group_concepts(states["textual"][layer + 1], labels, len(names))
+        matrix = concept_matrices(visual.mean(1)[None], textual.mean(1)[None])[0]  # (C, C)
+        out[layer] = {
+            "matrix": matrix,
+            "binomial": binomial_diagonal_test(matrix),
+            "permutation": permutation_test(visual, textual, n_permutations=n_perm, seed=seed),
+            "bootstrap": bootstrap_ci(visual, textual, n_boot=n_perm, seed=seed),
+        }
+    return out
+
+
+def compositional_analysis(states: dict, records: list, layers: list[int]):
+    names, labels = concept_labels(records, "compound")
+    out = {}
+    for layer in layers:
+        visual = np.stack([states["visual"][layer + 1][labels == k].mean(0) for k in range(len(names))])
+        textual = np.stack([states["textual"][layer + 1][labels == k].mean(0) for k in range(len(names))])
+        matrix = compositional_matrix(visual, textual, names)
+        out[layer] = {"matrix": matrix, "binding": binding_score(matrix, names)}
+    return names, out
+
+
+def expert_similarity(model, collator, records: list, init_model=None) -> dict:
+    """Linear CKA between the experts' outputs on the same tokens, and each expert's weight distance from the
+    shared upcycled initialisation (`init_model`, e.g. the Stage-0 checkpoint) when given."""
+    outputs = expert_outputs(model, collator, records)
+    init = expert_weights(init_model) if init_model is not None else None
+    result = {}
+    for layer, outs in outputs.items():
+        entry = {"cka_experts_0_1": linear_cka(outs[0], outs[1]), "n_tokens": int(outs.shape[1])}
+        if init is not None and layer in init:
+            weights = expert_weights(model)[layer]
+            entry["weight_distance"] = {
+                f"expert{e}": {
+                    name: weight_distance(weights[name][e], init[layer][name][0])
+                    for name in ("gate_up_proj", "down_proj")
+                }
+                for e in range(outs.shape[0])
+            }
+        result[layer] = entry
+    return result
+
+
+def analyze(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    init_dir: str | Path | None = None,
+    seed: int = 0,
+    n_probe: int | None = None,
+    n_samples: int = 200,
+    n_permutations: int = 1000,
+    tsne_layer: int | None = None,
+    batch_size: int = 16,
+) -> dict:
+    """Run every analysis on `model_dir`; write `analysis.json` and PNG figures to `out_dir`; return the dict."""
+    from trainer.data import MoeVlmCollator
+
+    started = time.time()
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = load_checkpoint(model_dir)
+    data = load_data(data_dir, seed, model.config.vision_config.image_size)
+    collator = MoeVlmCollator(processor)
+    layers = list(range(model.config.num_hidden_layers))
+    is_moe = bool(model.config.moe_layers)
+
+    probe = data["concept_probe"]
+    names, labels = concept_labels(probe, "concept")
+    if n_probe is not None:  # keep the first n_probe records of each concept
+        keep = np.concatenate([np.flatnonzero(labels == c)[:n_probe] for c in range(len(names))])
+        probe, labels = probe.select(keep.tolist()), labels[keep]
+    probe_rows = _rows(probe, None)
+    states = probe_states(model, processor, probe_rows, batch_size, desc="concept probe")
+    concepts = concept_analysis(states, labels, names, layers, seed, n_permutations)
+
+    tsne_layer = layers[-1] if tsne_layer is None else tsne_layer
+    points = np.concatenate([states["visual"][tsne_layer + 1], states["textual"][tsne_layer + 1]])  # (2M, D)
+    modality = np.array(["image"] * len(labels) + ["text"] * len(labels))
+    concept = np.concatenate([labels, labels])
+    embedding = tsne_embed(points, seed=seed)
+    tsne = {"layer": tsne_layer, **silhouettes(points, modality, concept, embedding=embedding, seed=seed)}
+
+    comp_rows = _rows(data["compositional_probe"], None)
+    comp_states = probe_states(model, processor, comp_rows, batch_size, desc="compositional probe")
+    compounds, compositional = compositional_analysis(comp_states, comp_rows, layers)
+
+    test_rows = _rows(data["test"], n_samples)
+    result = {
+        "model": str(model_dir),
+        "router_mode": model.config.router_mode,
+        "moe_layers": list(model.config.moe_layers),
+        "seed": seed,
+        "probe": {"set": "concept_probe", "concepts": names, "n_per_concept": int(np.bincount(labels).min())},
+        "compositional_probe": {"compounds": compounds, "n": len(comp_rows)},
+        "samples": {"split": "test", "n": len(test_rows)},
+        "concept_matrix": {layer: {"matrix": v["matrix"]} for layer, v in concepts.items()},
+        "binomial": {layer: v["binomial"] for layer, v in concepts.items()},
+        "permutation": {layer: v["permutation"] for layer, v in concepts.items()},
+        "bootstrap": {layer: v["bootstrap"] for layer, v in concepts.items()},
+        "tsne": tsne,
+        "compositional": compositional,
+    }
+    if is_moe:
+        routing = routing_arrays(model, collator, test_rows, batch_size)
+        per_layer = {
+            layer: {"choices": r["choices"], "probs": r["probs"], "is_image": routing["is_image"]}
+            for layer, r in routing["layers"].items()
+        }
+        modality_to_expert = {
+            "image": model.config.modality_to_expert["vision"],
+            "text": model.config.modality_to_expert["text"],
+        }
+        result["load"] = load_report(
+            per_layer, num_experts=model.config.num_experts, modality_to_expert=modality_to_expert
+        )
+        result["crossover"] = crossover_test(
+            model, collator, test_rows[: max(16, n_samples // 2)], batch_size
+        )
+        init_model = load_checkpoint(init_dir)[0] if init_dir is not None else None
+        result["expert_similarity"] = expert_similarity(model, collator, test_rows[:64], init_model)
+
+    result["figures"] = _figures(result, states, embedding, modality, concept, names, out_dir)
+    result["seconds"] = time.time() - started
+    result = _jsonable(result)
+    (out_dir / "analysis.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _figures(result, states, embedding, modality, concept, names, out_dir: Path) -> list[str]:
+    last = max(result["concept_matrix"])
+    paths = [
+        figures.plot_similarity_matrix(
+            result["concept_matrix"][last]["matrix"],
+            out_dir / "concept_matrix.png",
+            labels=names,
+            title=f"Concept-modality similarity, layer {last} (k={result['binomial'][last]['k']}/"
+            f"{result['binomial'][last]['n']}, p={result['binomial'][last]['p_value']:.2g})",
+        ),
+        figures.plot_tsne(
+            embedding,
+            modality,
+            concept,
+            out_dir / "tsne.png",
+            concept_names=names,
+            title=f"t-SNE of hidden states, layer {result['tsne']['layer']}",
+        ),
+        figures.plot_compositional_matrix(
+            result["compositional"][last]["matrix"],
+            result["compositional_probe"]["compounds"],
+            out_dir / "compositional_matrix.png",
+            title=f"Colour x object binding, layer {last}",
+        ),
+    ]
+    if "load" in result:
+        paths.append(
+            figures.plot_expert_load(
+                result["load"], out_dir / "expert_load.png", title="Expert load by layer"
+            )
+        )
+    return [Path(p).name for p in paths]
+
+
+def evaluate(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    n_samples: int = 100,
+    prompt: str = "<image>\n",
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+    meteor: bool = True,
+) -> dict:
+    """Greedy captions on the test split and COCO caption metrics; writes `captioning.json` and `captions.json`."""
+    started = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = load_checkpoint(model_dir)
+    data = load_data(data_dir, seed, model.config.vision_config.image_size)
+    rows = _rows(data["test"], n_samples)
+    predictions = generate_captions(model, processor, rows, prompt, max_new_tokens, batch_size)
+    references = {str(r["id"]): list(r["references"]) for r in rows}
+    metrics = caption_metrics(predictions, references, meteor=meteor)
+    result = _jsonable(
+        {
+            "model": str(model_dir),
+            "split": "test",
+            "n": len(rows),
+            "prompt": prompt,
+            "max_new_tokens": max_new_tokens,
+            "decoding": "greedy",
+            "seed": seed,
+            "metrics": metrics,
+            "seconds": time.time() - started,
+        }
+    )
+    (out_dir / "captioning.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "captions.json").write_text(
+        json.dumps(
+            {i: {"prediction": predictions[i], "references": references[i]} for i in predictions}, indent=1
+        )
+    )
+    return result
