@@ -16,9 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-# System packages: a Java runtime for pycocoevalcap (PTB tokenizer, METEOR); skipped when already present.
+# System packages, each skipped when already present: a Java runtime for pycocoevalcap (PTB tokenizer, METEOR)
+# and Debian's chromium for the Space's real-browser test (driven by Playwright; never `playwright install`).
 .system-deps:
 	@command -v java >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless; }
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	@touch $@
 
 setup: $(VENV)/.installed .system-deps

@@ -1,0 +1,137 @@
+"""Which model the Space shows, and what to tell the person about it.
+
+In order: the explicit argument (`moe-vlm demo --model`), the `MODEL_ID` environment variable (a local directory or
+a Hub id: how a Hub Space is pointed at a published model), the most-trained stage the reproduction wrote under
+`runs/reproduce/` (Stage 3 first), and last an untrained tiny model built on the spot (only possible inside the
+repository, where `configuration` is importable; the UI says it is untrained).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "moe_vlm_stage.json"  # a finished stage directory's completion marker, written last
+REPRODUCE_DIR = Path(__file__).resolve().parent.parent / "runs" / "reproduce"
+# Most-trained first: the routing a visitor should see is the one the full protocol produced.
+STAGE_PREFERENCE = ("3", "2.5", "2", "1", "0")
+UNTRAINED_STAGES = ("0",)  # Stage 0 is upcycling: experts are copies, routers are fresh
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """`source`: a local directory or Hub id for `from_pretrained`; `origin`: where the choice came from;
+    `stage`: the completion marker of a local stage directory (None for Hub ids); `untrained`: say so in the UI."""
+
+    source: str
+    origin: str
+    stage: dict | None = None
+    untrained: bool = False
+
+    def describe(self) -> str:
+        """One Markdown paragraph for the top of the page."""
+        where = f"`{self.source}` ({self.origin})"
+        if self.stage is not None:
+            name = self.stage.get("name")
+            where += f", Stage {self.stage.get('stage')}" + (f" ({name})" if name else "")
+        if self.untrained:
+            where += (
+                ". **This model is untrained** (random or freshly upcycled routers): its routing and its text show"
+                " what the machinery does, not what training teaches. Run `make reproduce`, or set `MODEL_ID` to"
+                " a trained model."
+            )
+        return "Model: " + where
+
+
+def read_marker(directory: Path) -> dict | None:
+    path = directory / MARKER
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_moe_directory(directory: Path) -> bool:
+    """A finished MoeVlm stage directory with experts (the dense control and the pretraining output have none)."""
+    config_path = directory / "config.json"
+    if read_marker(directory) is None or not config_path.is_file():
+        return False
+    config = json.loads(config_path.read_text())
+    return config.get("model_type") == "moe_vlm" and bool(config.get("moe_layers"))
+
+
+def find_reproduced_model(root: Path | None = None) -> Path | None:
+    """The most-trained finished MoE stage directory under `root` (default: `REPRODUCE_DIR`; Stage 3, else 2.5, 2,
+    1, 0), or None."""
+    root = REPRODUCE_DIR if root is None else root
+    if not root.is_dir():
+        return None
+    found = [d for d in root.iterdir() if d.is_dir() and is_moe_directory(d)]
+
+    def rank(directory: Path) -> tuple[int, float]:
+        stage = str(read_marker(directory).get("stage"))
+        order = STAGE_PREFERENCE.index(stage) if stage in STAGE_PREFERENCE else len(STAGE_PREFERENCE)
+        return order, -(directory / MARKER).stat().st_mtime  # the newest among equals
+
+    return min(found, key=rank, default=None)
+
+
+def looks_like_path(source: str) -> bool:
+    """A Hub id is `name` or `owner/name`; anything else (or an existing path) is meant as a local directory."""
+    return (
+        Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    )
+
+
+def choose_local(source: str, origin: str) -> ModelChoice:
+    directory = Path(source).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist (from {origin})")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory} has no config.json: not a saved model directory (from {origin})"
+        )
+    stage = read_marker(directory)
+    untrained = stage is not None and str(stage.get("stage")) in UNTRAINED_STAGES
+    return ModelChoice(str(directory), origin, stage, untrained)
+
+
+def build_untrained_model() -> ModelChoice:
+    """An untrained tiny model in a temporary directory (removed at exit). Needs the repository's
+    `configuration` package: on a Hub Space, set `MODEL_ID` instead."""
+    try:
+        from configuration.init_model import init_model  # the repository only; lazily: rarely needed
+    except ImportError:
+        raise FileNotFoundError(
+            "no model to show: set the MODEL_ID environment variable (a Hub id such as USER/NAME, or a local "
+            "model directory); outside the moe-vlm repository no model can be built on the spot"
+        ) from None
+    directory = Path(tempfile.mkdtemp(prefix="moe-vlm-space-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    init_model(directory, preset="tiny")
+    return ModelChoice(
+        str(directory),
+        "built on the spot: no model found under runs/reproduce/",
+        read_marker(directory),
+        True,
+    )
+
+
+def choose_model(model_id_or_path: str | None = None) -> ModelChoice:
+    """Resolve what to load (see the module docstring for the order)."""
+    for source, origin in ((model_id_or_path, "--model"), (os.environ.get("MODEL_ID"), "MODEL_ID")):
+        if source:
+            return (
+                choose_local(source, origin)
+                if looks_like_path(source)
+                else ModelChoice(source, f"Hub, {origin}")
+            )
+    reproduced = find_reproduced_model()
+    if reproduced is not None:
+        return choose_local(str(reproduced), "the reproduction's latest stage")
+    return build_untrained_model()
+
+
+__all__ = ["ModelChoice", "choose_model", "find_reproduced_model"]
