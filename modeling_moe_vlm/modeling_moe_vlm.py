@@ -61,7 +61,7 @@ class MoeVlmCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     router_indices (`tuple[torch.LongTensor]`): per MoE layer, the chosen expert(s) of every token.
     modality_mask (`torch.BoolTensor`): `(batch, seq)`, True at image-placeholder positions.
     load_balancing_loss / z_loss / specialisation_loss (`torch.FloatTensor`): the unweighted router losses, present
-        when router outputs were requested or a coefficient is > 0.
+        when router outputs were requested together with `labels`, or a coefficient is > 0.
 
     During training with `labels`, logits are only computed where labels need them and `logits` is `None`.
     """
@@ -366,7 +366,7 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
             self.check_placeholders(modality_mask, image_features)
             mask = modality_mask.unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif bool(modality_mask.any()):
+        elif past_seen == 0 and bool(modality_mask.any()):  # checked at prefill only: no per-token host sync
             raise ValueError(
                 f"input has {int(modality_mask.sum())} image placeholder tokens but no pixel_values; pass the images"
             )
@@ -561,7 +561,9 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
                 )
 
         terms, aux_loss = {}, None
-        if need_router and outputs.router_logits:
+        cfg = self.config
+        weighted = cfg.router_aux_loss_coef or cfg.router_z_loss_coef or cfg.router_specialisation_loss_coef
+        if outputs.router_logits and (labels is not None or weighted):  # not on every generation step
             terms = router_losses(
                 outputs.router_logits,
                 outputs.router_indices,
@@ -569,15 +571,12 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
                 attention_mask,
                 self.config,
             )
-            cfg = self.config
             aux_loss = (
                 cfg.router_aux_loss_coef * terms["load_balancing_loss"]
                 + cfg.router_z_loss_coef * terms["z_loss"]
                 + cfg.router_specialisation_loss_coef * terms["specialisation_loss"]
             )
-            if loss is not None and (
-                cfg.router_aux_loss_coef or cfg.router_z_loss_coef or cfg.router_specialisation_loss_coef
-            ):
+            if loss is not None and weighted:
                 loss = loss + aux_loss.to(loss.device)
 
         return MoeVlmCausalLMOutputWithPast(

@@ -169,8 +169,8 @@ def test_padding_does_not_change_outputs_or_router_losses(tiny_model, processor,
         "attention_mask": torch.nn.functional.pad(single["attention_mask"], (0, 5), value=0),
         "pixel_values": single["pixel_values"],
     }
-    a = tiny_model(**single, output_router_logits=True)
-    b = tiny_model(**padded, output_router_logits=True)
+    a = tiny_model(**single, labels=single["input_ids"], output_router_logits=True)
+    b = tiny_model(**padded, labels=padded["input_ids"], output_router_logits=True)
     torch.testing.assert_close(a.logits[0], b.logits[0, :n], rtol=1e-4, atol=1e-4)
     for key in ("load_balancing_loss", "z_loss", "specialisation_loss"):
         torch.testing.assert_close(getattr(b, key), getattr(a, key), rtol=1e-5, atol=1e-5)
@@ -181,7 +181,8 @@ def test_load_balancing_matches_transformers(tiny_model, processor, red_image):
 
     tiny_model.set_router_mode("softmax")
     inputs = _inputs(processor, red_image, ("<image>\nA red circle.", "<image>\nTwo stars."))
-    out = tiny_model(**inputs, output_router_logits=True)
+    out = tiny_model(**inputs, labels=inputs["input_ids"], output_router_logits=True)
+    assert tiny_model(**inputs, output_router_logits=True).load_balancing_loss is None  # not while generating
     expected = load_balancing_loss_func(out.router_logits, 2, 1, inputs["attention_mask"])
     torch.testing.assert_close(out.load_balancing_loss, expected, rtol=1e-5, atol=1e-6)
     # z-loss and specialisation loss from their definitions
