@@ -1,0 +1,105 @@
+"""`moe-vlm bench` (also `python -m benchmarks`): MoE vs dense speed and memory, side by side, in one process."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset", default="all", choices=["tiny", "mid", "all"], help="model size (default: all)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds per case (default: tiny 7, mid 3; --quick 2)"
+    )
+    p.add_argument(
+        "--out", default="runs/bench", help="folder for bench.json and bench.md (default: runs/bench)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny preset, 2 rounds: a smoke run well under a minute"
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: bf16, MFU, torch.compile")
+    p.add_argument(
+        "--kernel",
+        default="model",
+        choices=["model", "auto", "eager", "grouped_mm"],
+        help="experts kernel of the MoE model (model: its default; auto: the faster one in the block benchmark)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile'd models (default: on for cuda, off for cpu)",
+    )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=None,
+        help="only these sections: block train generation analysis trainer (default: all of the preset's)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)"
+    )
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (as `moe-vlm bench`), for the report."""
+    parts = ["moe-vlm", "bench", "--quick"] if args.quick else ["moe-vlm", "bench", "--preset", args.preset]
+    for flag, value, default in (
+        ("--repeats", args.repeats, None),
+        ("--device", args.device, "cpu"),
+        ("--kernel", args.kernel, "model"),
+        ("--threads", args.threads, 1),
+    ):
+        if value != default:
+            parts += [flag, str(value)]
+    if args.compile is not None:
+        parts.append("--compile" if args.compile else "--no-compile")
+    if args.sections:
+        parts += ["--sections", *args.sections]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> None:
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the analysis pipeline's progress bars would flood the output
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from .report import to_markdown
+    from .run import run_benchmarks
+
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    presets = ["tiny", "mid"] if args.preset == "all" else [args.preset]
+    repeats = args.repeats
+    if args.quick:
+        presets, repeats = ["tiny"], repeats or 2
+    report = run_benchmarks(
+        presets,
+        args.out,
+        repeats=repeats,
+        device=args.device,
+        kernel=args.kernel,
+        compile=args.compile,
+        quick=args.quick,
+        sections=args.sections,
+        command=_command(args),
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(to_markdown(report))
+    print(f"wrote {args.out}/bench.json and {args.out}/bench.md", file=sys.stderr)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="MoE vs dense: training step, block, generation, analysis; speed + memory"
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
