@@ -1,0 +1,145 @@
+"""Trainer callbacks: the routing log file, the Gumbel temperature schedule, a compact progress display and the
+per-process record of a distributed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+
+from .routing_stats import PREFIX, unflatten
+
+ROUTING_STATS_FILE = "routing_stats.jsonl"
+
+
+class RoutingStatsCallback(TrainerCallback):
+    """Appends one JSON line per logging step to `<output_dir>/routing_stats.jsonl` (main process only):
+    `{"step": .., "stage": .., "layers": {"0": {"image": {"dispatch": [..], "prob": [..], "entropy": ..,
+    "tokens": ..}, "text": {..}, "all": {..}}}}`.
+
+    It reads the routing keys the stage Trainer's `log()` put into the log (already averaged since the last log and
+    reduced across processes), so TensorBoard and other `report_to` targets see exactly the same numbers.
+    """
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def path(self, args) -> Path:
+        return Path(args.output_dir) / ROUTING_STATS_FILE
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A fresh run starts a fresh file; a resumed one keeps the lines up to its checkpoint and drops later ones
+        # (they were logged after the checkpoint by the interrupted run and will be logged again).
+        path = self.path(args)
+        if not state.is_world_process_zero or not path.exists():
+            return
+        kept = []
+        if state.global_step > 0:
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if json.loads(line)["step"] <= state.global_step
+            ]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        layers = unflatten(logs)
+        if not layers:
+            return
+        record = {"step": state.global_step, "stage": self.stage, "layers": layers}
+        path = self.path(args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class GumbelTauCallback(TrainerCallback):
+    """Anneals the Gumbel-softmax temperature linearly from `start` to `end` over the run (Stage 2.5, as in the
+    authors' code), by setting `model.config.gumbel_tau` before each step. Computed from the global step, so a
+    resumed run continues the schedule where it stopped."""
+
+    def __init__(self, start: float, end: float):
+        if start <= 0 or end <= 0:
+            raise ValueError(f"Gumbel temperatures must be > 0, got start={start}, end={end}")
+        self.start, self.end = float(start), float(end)
+
+    def tau_at(self, step: int, max_steps: int) -> float:
+        fraction = min(step / max(max_steps - 1, 1), 1.0)
+        return self.start + (self.end - self.start) * fraction
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        model.config.gumbel_tau = self.tau_at(state.global_step, state.max_steps)
+
+
+def compact_logs(logs: dict) -> dict:
+    """A log dict for the console: the routing keys folded into one short field, `routing: 'L0 i→0:1.00 t→1:1.00 |
+    L1 …'` (per layer: the expert most image / text tokens went to, and the share it got)."""
+    layers = unflatten(logs)
+    shown = {k: v for k, v in logs.items() if not k.startswith(PREFIX + "/")}
+    if layers:
+        shown["routing"] = " | ".join(
+            f"L{layer} "
+            + " ".join(
+                f"{modality[0]}→{max(range(len(s['dispatch'])), key=s['dispatch'].__getitem__)}:"
+                f"{max(s['dispatch']):.2f}"
+                for modality, s in per_modality.items()
+                if modality != "all"
+            )
+            for layer, per_modality in layers.items()
+        )
+    return shown
+
+
+class CompactProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, printing routing as one field per log line instead of dozens of keys."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=compact_logs(logs or {}), **kwargs)
+
+
+class CompactPrinterCallback(PrinterCallback):
+    """The Trainer's printer (used when progress bars are off), with the same compact routing field."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=compact_logs(logs or {}), **kwargs)
+
+
+class ProcessInfoCallback(TrainerCallback):
+    """Each process writes `<output_dir>/processes/rank-<r>.json` (rank, world size, backend, device) when
+    training starts: the record that a distributed run really ran as that many processes."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / "processes"
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {
+            "rank": args.process_index,
+            "local_rank": args.local_process_index,
+            "world_size": args.world_size,
+            "backend": args.ddp_backend or _backend(),
+            "device": str(args.device),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        (folder / f"rank-{args.process_index}.json").write_text(json.dumps(info, indent=1))
+
+
+def _backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
+__all__ = [
+    "ROUTING_STATS_FILE",
+    "CompactPrinterCallback",
+    "CompactProgressCallback",
+    "GumbelTauCallback",
+    "ProcessInfoCallback",
+    "RoutingStatsCallback",
+    "compact_logs",
+]

@@ -1,0 +1,279 @@
+"""Stage recipes: YAML files of `StageArguments`, `PretrainArguments` and `TrainingArguments` fields, parsed with
+`HfArgumentParser`; any field can be overridden on the command line (`--learning_rate 1e-4`).
+
+`configuration/recipes/<stage>.yaml` holds the embedded default's (tiny preset, CPU) recipes,
+`configuration/recipes/paper/<stage>.yaml` the paper-scale ones (`--recipe paper`); `--recipe FILE` reads any file,
+including the `recipe.yaml` a finished stage wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+STAGES = ("pretrain", "0", "1", "2", "2.5", "3", "dense")
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "configuration" / "recipes"
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe a stage writes to its output directory
+
+
+def recipe_stem(stage: str) -> str:
+    """File stem of a stage's recipe: `pretrain`, `stage0` … `stage2_5`, `stage3`, `dense`."""
+    check_stage(stage)
+    return stage if stage in ("pretrain", "dense") else "stage" + stage.replace(".", "_")
+
+
+def check_stage(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    return stage
+
+
+@dataclass
+class StageArguments:
+    """What a stage trains on and how it routes. Unset fields (None) take the stage's defaults (the stage Trainer's
+    class attributes: the paper's protocol)."""
+
+    stage: str = field(default="1", metadata={"help": f"training stage, one of {', '.join(STAGES)}"})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "previous stage's output directory (`--from`); Stage 0: the pretraining output (or none)"
+        },
+    )
+    preset: str = field(
+        default="tiny", metadata={"help": "model preset of Stage 0 and pretraining: tiny | paper"}
+    )
+    mistral: str | None = field(
+        default=None, metadata={"help": "Stage 0: dense Mistral path or Hub id (default: from `--from`)"}
+    )
+    vision: str | None = field(
+        default=None,
+        metadata={"help": "Stage 0: open_clip NAME:TAG or CLIP checkpoint file (default: from `--from`)"},
+    )
+    dataset: str = field(
+        default="shapes",
+        metadata={
+            "help": "shapes (generated, cached) | coco (Karpathy json + image_root) | llava (json + image_root) | "
+            "a saved DatasetDict folder"
+        },
+    )
+    train_split: str | None = field(
+        default=None,
+        metadata={"help": "split to train on (default: `train` captions; Stage 3: `instruct` conversations)"},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N records"})
+    max_length: int | None = field(default=None, metadata={"help": "truncate samples to this many tokens"})
+    shapes_dir: str | None = field(
+        default=None,
+        metadata={"help": "where the Shapes world is generated/cached (default: the shared cache)"},
+    )
+    shapes_seed: int = field(default=0, metadata={"help": "seed of the generated Shapes world"})
+    coco_json: str | None = field(
+        default=None, metadata={"help": "COCO Karpathy split file (dataset_coco.json)"}
+    )
+    llava_json: str | None = field(default=None, metadata={"help": "llava_instruct_150k.json"})
+    image_root: str | None = field(
+        default=None, metadata={"help": "folder the COCO / LLaVA image paths start from"}
+    )
+    trainable: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "parameter groups to train: connector, experts, router, attention, mlp, norms, embeddings, "
+            "lm_head, vision_tower (default: the stage's)"
+        },
+    )
+    router_mode: str | None = field(
+        default=None, metadata={"help": "hard | gumbel | softmax | modality_aware (default: the stage's)"}
+    )
+    keep_hard_routing: bool = field(
+        default=False,
+        metadata={
+            "help": "Stage 3: keep Stage 2's hard routing, whatever router_mode says (the paper's future work 1)"
+        },
+    )
+    gumbel_tau: float | None = field(
+        default=None,
+        metadata={"help": "Gumbel-softmax temperature (start of the schedule when gumbel_tau_end)"},
+    )
+    gumbel_tau_end: float | None = field(
+        default=None, metadata={"help": "anneal the temperature linearly to this value over the run"}
+    )
+    router_aux_loss_coef: float = field(
+        default=0.0, metadata={"help": "Switch load-balancing loss coefficient (0: none, as in the paper)"}
+    )
+    router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
+    router_specialisation_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "penalise the router for leaving the Stage 2 expert roles (the paper's future work 2)"
+        },
+    )
+    dense_expert: int = field(
+        default=0, metadata={"help": "dense control: the expert whose weights become the MLP"}
+    )
+    experts_implementation: str | None = field(
+        default=None,
+        metadata={"help": "expert kernel: eager | grouped_mm | batched_mm (default: transformers')"},
+    )
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the checkpoint-* folders once the stage has finished (they serve to resume it)"
+        },
+    )
+    model_dtype: str = field(
+        default="float32", metadata={"help": "dtype the model is loaded in (mixed precision: set bf16 too)"}
+    )
+
+    def __post_init__(self):
+        check_stage(self.stage)
+
+
+@dataclass
+class PretrainArguments:
+    """Pretraining of the embedded default's frozen parts: a tiny open_clip CLIP (contrastive, `ClipLoss`) and the
+    tiny dense Mistral (causal LM), both on Shapes. Other TrainingArguments are shared by the two runs."""
+
+    clip_max_steps: int = field(default=160, metadata={"help": "CLIP optimiser steps"})
+    clip_batch_size: int = field(
+        default=64, metadata={"help": "CLIP image-caption pairs per step and process"}
+    )
+    clip_learning_rate: float = field(default=1e-3, metadata={"help": "CLIP learning rate"})
+    clip_text_width: int = field(default=128, metadata={"help": "width of CLIP's text tower"})
+    clip_text_layers: int = field(default=2, metadata={"help": "blocks of CLIP's text tower"})
+    clip_text_heads: int = field(default=4, metadata={"help": "attention heads of CLIP's text tower"})
+    clip_context_length: int = field(default=32, metadata={"help": "CLIP text tokens"})
+    lm_max_steps: int = field(default=100, metadata={"help": "dense Mistral optimiser steps"})
+    lm_batch_size: int = field(default=8, metadata={"help": "packed text blocks per step and process"})
+    lm_block_size: int = field(default=128, metadata={"help": "tokens per packed text block"})
+    lm_learning_rate: float = field(default=3e-3, metadata={"help": "dense Mistral learning rate"})
+    eval_samples: int = field(
+        default=500, metadata={"help": "held-out pairs / texts for retrieval accuracy and perplexity"}
+    )
+
+
+ARGUMENT_CLASSES = (StageArguments, PretrainArguments, TrainingArguments)
+
+
+class Recipe(NamedTuple):
+    stage: StageArguments
+    pretrain: PretrainArguments
+    training: TrainingArguments
+    # The TrainingArguments fields the recipe file or the command line set, as given (before TrainingArguments'
+    # own post-processing): what `recipe.yaml` records besides the stage fields.
+    given: dict | None = None
+
+
+def recipe_path(stage: str, recipe: str | None = None) -> Path:
+    """`recipe` is a file, or a recipe set name: `tiny` (default: configuration/recipes/) or `paper`."""
+    if recipe is not None and Path(recipe).suffix in (".yaml", ".yml"):
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {path} does not exist")
+        return path
+    if recipe not in (None, "tiny", "paper"):
+        raise ValueError(f"--recipe must be a .yaml file, `tiny` or `paper`, got {recipe!r}")
+    folder = RECIPE_DIR / "paper" if recipe == "paper" else RECIPE_DIR
+    path = folder / f"{recipe_stem(stage)}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"there is no {recipe or 'tiny'} recipe for stage {stage} ({path})")
+    return path
+
+
+def field_names() -> set[str]:
+    return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+
+
+def load_recipe_file(path: Path) -> dict:
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {path} must be a mapping of field: value")
+    unknown = sorted(set(values) - field_names())
+    if unknown:
+        raise ValueError(
+            f"recipe {path}: unknown field(s) {unknown}; fields are StageArguments, PretrainArguments and "
+            "TrainingArguments names (see `moe-vlm train --help-recipe`)"
+        )
+    return values
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(ARGUMENT_CLASSES)
+
+
+def parse_recipe(
+    stage: str,
+    out: str | Path,
+    from_dir: str | Path | None = None,
+    recipe: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Recipe:
+    """Resolve a stage's arguments: the recipe file, then `--from`/`--out`, then the command-line overrides."""
+    check_stage(stage)
+    path = recipe_path(stage, recipe)
+    values = load_recipe_file(path)
+    if str(values.get("stage", stage)) != stage:
+        raise ValueError(f"recipe {path} is for stage {values['stage']}, not stage {stage}")
+    values.update(stage=stage, output_dir=str(out))
+    if from_dir is not None:
+        values["model_name_or_path"] = str(from_dir)
+    parser = build_parser()
+    # Each field's default as argparse returns it when the field is not given: argparse converts string defaults
+    # with the action's type, and the first action of a dest holds its default (a `--no_x` twin follows it).
+    declared = {}
+    for action in parser._actions[::-1]:
+        default = action.default
+        if isinstance(default, str) and callable(action.type):
+            default = action.type(default)
+        declared[action.dest] = default
+    parser.set_defaults(**values)
+    raw, _ = parser.parse_known_args(args=list(overrides))
+    stage_args, pretrain_args, training_args = parser.parse_args_into_dataclasses(args=list(overrides))
+    if stage_args.stage != stage:
+        raise ValueError(f"--stage {stage} was given, but the overrides set stage {stage_args.stage}")
+    training_fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    given = {
+        key: value
+        for key, value in vars(raw).items()
+        if key in training_fields and (key in values or value != declared.get(key))
+    }
+    return Recipe(stage_args, pretrain_args, training_args, given)
+
+
+def resolved_recipe(recipe: Recipe) -> dict:
+    """The fields to rerun a stage (`--recipe <out>/recipe.yaml`): every stage field, the pretraining fields for
+    pretraining, and the TrainingArguments the recipe and the command line set (the rest keep their defaults)."""
+    values = dataclasses.asdict(recipe.stage)
+    if recipe.stage.stage == "pretrain":
+        values.update(dataclasses.asdict(recipe.pretrain))
+    given = dict(recipe.given or {})
+    given.pop("resume_from_checkpoint", None)  # how this run started, not part of the recipe
+    return {**values, **given, "output_dir": recipe.training.output_dir}
+
+
+def write_resolved_recipe(recipe: Recipe, out: Path) -> Path:
+    path = Path(out) / RECIPE_FILE
+    path.write_text(yaml.safe_dump(resolved_recipe(recipe), sort_keys=False))
+    return path
+
+
+__all__ = [
+    "ARGUMENT_CLASSES",
+    "RECIPE_DIR",
+    "RECIPE_FILE",
+    "STAGES",
+    "PretrainArguments",
+    "Recipe",
+    "StageArguments",
+    "build_parser",
+    "parse_recipe",
+    "recipe_path",
+    "recipe_stem",
+    "resolved_recipe",
+    "write_resolved_recipe",
+]

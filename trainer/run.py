@@ -1,0 +1,166 @@
+"""Run one stage from a resolved recipe: what `moe-vlm train` and `accelerate launch -m trainer train` both call.
+
+Every training stage loads the previous stage's directory (model and processor, through the Auto classes), trains
+with its stage Trainer, checks that exactly the trainable parameters changed, and writes a directory the next
+stage (and `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`) loads: the model (safetensors,
+remote code), the processor, `routing_stats.jsonl`, `recipe.yaml`, and the completion marker last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor, set_seed
+
+from .callbacks import ProcessInfoCallback
+from .data import MoeVlmCollator
+from .dense import to_dense
+from .freezing import changed_params_check, fingerprints
+from .recipes import Recipe, StageArguments, write_resolved_recipe
+from .stage_data import load_split
+from .stage_dirs import COMPLETION_MARKER, check_start, clear_marker, remove_checkpoints, write_marker
+from .stages import STAGE_TRAINERS
+
+logger = logging.getLogger("moe_vlm.trainer")
+
+
+def run(recipe: Recipe, callbacks=()) -> Path:
+    """Run `recipe.stage.stage`; returns its output directory. `callbacks` are added to the stage's Trainer(s)."""
+    stage = recipe.stage.stage
+    if stage == "pretrain":
+        from .pretrain import run_pretraining
+
+        return run_pretraining(recipe, callbacks)
+    if stage == "0":
+        return run_upcycling(recipe)
+    return run_training_stage(recipe, callbacks)
+
+
+def run_upcycling(recipe: Recipe) -> Path:
+    """Stage 0: `configuration.init_model` on the pretrained dense Mistral and vision tower (`--from` the pretraining
+    output), or on `--mistral` / `--vision` (paper scale: the preset's Hub weights)."""
+    from configuration.init_model import init_model
+
+    from .pretrain import CLIP_FILE, MISTRAL_DIR
+
+    args, training = recipe.stage, recipe.training
+    out = Path(training.output_dir)
+    if training.process_index != 0:  # nothing to train: one process writes the directory
+        return out
+    started = time.perf_counter()
+    mistral, vision = args.mistral, args.vision
+    if args.model_name_or_path is not None:
+        check_start("0", args.model_name_or_path, out)
+        source = Path(args.model_name_or_path)
+        mistral = mistral or str(source / MISTRAL_DIR)
+        vision = vision or str(source / CLIP_FILE)
+    elif args.preset == "tiny" and mistral is None:
+        logger.warning(
+            "Stage 0 without --from: the tiny Mistral and vision tower are random, so the frozen parts carry no "
+            "signal; run `moe-vlm train --stage pretrain` first and pass its directory as --from"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    clear_marker(out)
+    write_resolved_recipe(recipe, out)
+    init_model(out, preset=args.preset, mistral=mistral, vision=vision, seed=training.seed)
+    # init_model wrote its marker last; add where the weights came from and rewrite it (still the last write).
+    marker = json.loads((out / COMPLETION_MARKER).read_text())
+    marker.update({"from": args.model_name_or_path, "seconds": round(time.perf_counter() - started, 1)})
+    write_marker(out, marker)
+    return out
+
+
+def load_model(args: StageArguments):
+    kwargs = {"trust_remote_code": True, "dtype": getattr(torch, args.model_dtype)}
+    if args.experts_implementation is not None:
+        kwargs["experts_implementation"] = args.experts_implementation
+    return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+
+
+def _resume_argument(value: str | None):
+    """`--resume_from_checkpoint true|last` resumes from the newest checkpoint in the output directory."""
+    if value is None or str(value).lower() in ("", "false", "no", "none"):
+        return None
+    return True if str(value).lower() in ("true", "yes", "last") else value
+
+
+def _logged_losses(log_history: list[dict]) -> list[float]:
+    return [entry["loss"] for entry in log_history if "loss" in entry]
+
+
+def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
+    args, training = recipe.stage, recipe.training
+    stage = args.stage
+    out = Path(training.output_dir)
+    check_start(stage, args.model_name_or_path, out)
+    started = time.perf_counter()
+    if training.process_index == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        clear_marker(out)
+    set_seed(training.seed)
+
+    model = load_model(args)
+    if stage == "dense":
+        model = to_dense(model, args.dense_expert)
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
+    trainer_class = STAGE_TRAINERS[stage]
+    split = args.train_split or trainer_class.default_split
+    with training.main_process_first(desc="training data"):
+        dataset = load_split(args, split, model.config.vision_config.image_size)
+    # The collator reads the raw columns (image, caption, conversations).
+    training.remove_unused_columns = False
+
+    trainer = trainer_class(
+        model=model,
+        args=training,
+        stage_args=args,
+        train_dataset=dataset,
+        data_collator=MoeVlmCollator(processor, max_length=args.max_length),
+        processing_class=processor,
+        callbacks=[ProcessInfoCallback(), *callbacks],
+    )
+    # Under FSDP / ZeRO-3 the parameters are sharded flat buffers: the per-parameter check does not apply.
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    before = None if sharded else fingerprints(model)
+    result = trainer.train(resume_from_checkpoint=_resume_argument(training.resume_from_checkpoint))
+    if sharded:
+        check = {"skipped": "parameters are sharded (FSDP / DeepSpeed)"}
+    else:
+        check = changed_params_check(before, fingerprints(model), trainer.trainable_params)
+        if not check["ok"]:
+            logger.warning("Stage %s changed other parameters than its trainable set: %s", stage, check)
+    trainer.save_model(str(out))
+    trainer.save_state()  # trainer_state.json: the run's whole log history
+
+    if trainer.is_world_process_zero():
+        if not args.keep_checkpoints:
+            remove_checkpoints(out)
+        losses = _logged_losses(trainer.state.log_history)
+        write_resolved_recipe(recipe, out)
+        write_marker(
+            out,
+            {
+                "stage": stage,
+                "name": trainer_class.description,
+                "from": args.model_name_or_path,
+                "steps": trainer.state.global_step,
+                "train_loss": result.training_loss,
+                "loss_first": losses[0] if losses else None,
+                "loss_last": losses[-1] if losses else None,
+                "seconds": round(time.perf_counter() - started, 1),
+                "trainable": trainer.trainable_groups,
+                "router_mode": model.config.router_mode if model.config.moe_layers else None,
+                "train_split": split,
+                "n_train_records": len(dataset),
+                "world_size": training.world_size,
+                "changed_params_check": check,
+            },
+        )
+    return out
+
+
+__all__ = ["load_model", "run", "run_training_stage", "run_upcycling"]

@@ -1,0 +1,125 @@
+"""Stage output directories: the completion marker (`moe_vlm_stage.json`, written last) and the checks that a stage
+starts from a finished directory holding the right kind of model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from configuration.init_model import COMPLETION_MARKER
+
+logger = logging.getLogger("moe_vlm.trainer")
+
+# The stage each one normally starts from (the paper's order). Other orders are allowed with a warning, as long as
+# the model is of the right kind (an ablation may skip Stage 2.5, or run Stage 3 on Stage 1).
+PREVIOUS: dict[str, tuple[str, ...]] = {
+    "0": ("pretrain",),
+    "1": ("0",),
+    "2": ("1",),
+    "2.5": ("2",),
+    "3": ("2.5", "2"),
+    "dense": ("1",),
+}
+NEEDS_EXPERTS = ("2", "2.5", "3")
+
+
+def _first_command(stage: str) -> str:
+    previous = PREVIOUS[stage][-1]
+    return f"moe-vlm train --stage {previous} --out DIR" + ("" if previous == "pretrain" else " --from ...")
+
+
+def read_marker(directory: str | Path, for_stage: str) -> dict:
+    """The completion marker of a finished stage directory; a clear error naming the directory otherwise."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"{directory} does not exist: Stage {for_stage} starts from a finished stage directory; run "
+            f"`{_first_command(for_stage)}` first"
+        )
+    path = directory / COMPLETION_MARKER
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no {COMPLETION_MARKER}: it is not a finished stage (an interrupted run, or not a stage "
+            f"output); run `{_first_command(for_stage)}` first (or resume it with --resume_from_checkpoint true)"
+        )
+    return json.loads(path.read_text())
+
+
+def write_marker(directory: str | Path, record: dict) -> Path:
+    """Write the marker; call it last, after everything else the stage writes."""
+    path = Path(directory) / COMPLETION_MARKER
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def clear_marker(directory: str | Path) -> None:
+    """A re-run invalidates the directory until it finishes again."""
+    (Path(directory) / COMPLETION_MARKER).unlink(missing_ok=True)
+
+
+def remove_checkpoints(directory: str | Path) -> None:
+    """Delete the `checkpoint-*` folders of a finished run: they only serve to resume it, and would otherwise be
+    published and analysed along with the stage (optimizer states are twice the model's size)."""
+    for checkpoint in Path(directory).glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+
+
+def check_start(stage: str, from_dir: str | Path | None, out: str | Path) -> dict:
+    """Check that `stage` can start from `from_dir` and write to `out`; returns the previous stage's marker.
+
+    Refuses: no `--from`, a directory without the marker, writing over the input, and the wrong kind of model
+    (not a MoeVlm checkpoint, no vision tower, or no experts for Stages 2, 2.5 and 3).
+    """
+    if from_dir is None:
+        raise ValueError(f"Stage {stage} needs --from: the output directory of Stage {PREVIOUS[stage][0]}")
+    from_dir, out = Path(from_dir), Path(out)
+    if from_dir.resolve() == out.resolve():
+        raise ValueError(f"--out {out} is the --from directory: each stage writes its own directory")
+    marker = read_marker(from_dir, stage)
+    previous = str(marker.get("stage"))
+    if stage == "0":
+        if previous != "pretrain":
+            raise ValueError(
+                f"{from_dir} is a Stage {previous} output; Stage 0 starts from the pretraining output"
+            )
+        return marker
+    config_path = from_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    what = f"{from_dir} (Stage {previous})"
+    start_from = f"start from the output of Stage {' or '.join(PREVIOUS[stage])} (`{_first_command(stage)}`)"
+    if config.get("model_type") != "moe_vlm":
+        raise ValueError(
+            f"{what} holds no MoeVlm model (model_type={config.get('model_type')!r}); Stage {stage} needs one: "
+            f"{start_from}"
+        )
+    if config.get("vision_config") is None:
+        raise ValueError(
+            f"{what} is a text-only model (no vision tower); Stage {stage} trains on images: {start_from}"
+        )
+    if stage in NEEDS_EXPERTS and (not config.get("moe_layers") or config.get("num_experts", 1) < 2):
+        raise ValueError(
+            f"Stage {stage} trains experts and routers, but {what} is not an MoE model "
+            f"(moe_layers={config.get('moe_layers')}, num_experts={config.get('num_experts')}): {start_from}"
+        )
+    if previous not in PREVIOUS[stage]:
+        logger.warning(
+            "Stage %s usually starts from Stage %s; %s is a Stage %s output",
+            stage,
+            " or ".join(PREVIOUS[stage]),
+            from_dir,
+            previous,
+        )
+    return marker
+
+
+__all__ = [
+    "COMPLETION_MARKER",
+    "PREVIOUS",
+    "check_start",
+    "clear_marker",
+    "read_marker",
+    "remove_checkpoints",
+    "write_marker",
+]
