@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def _cmd_reproduce(args) -> None:
-    """For now: Stage 0 (upcycle the tiny model) and its routing of one image + caption; the training stages and
-    analyses extend it as they land."""
-    from configuration.cli import _cmd_route
-    from configuration.init_model import init_model
+    from .reproduce import reproduce
 
-    stage0 = init_model(Path(args.out) / "stage0", preset="tiny", seed=args.seed)
-    print(f"Stage 0 (upcycled tiny model) -> {stage0}")
-    _cmd_route(
-        argparse.Namespace(model=str(stage0), image=None, text="<image>\nA red circle.", router_mode=None)
-    )
+    reproduce(args.out, seed=args.seed, n_samples=args.n_samples, n_eval=args.n_eval)
 
 
 def _cmd_analyze(args) -> None:
@@ -79,4 +71,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="runs/reproduce", help="output directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-samples", type=int, default=200, help="test captions for routing/crossover analyses")
+    p.add_argument("--n-eval", type=int, default=100, help="test images captioned for the metrics")
     p.set_defaults(func=_cmd_reproduce)
