@@ -236,10 +236,11 @@ def _figures(result, states, embedding, modality, concept, names, out_dir: Path)
             title=f"t-SNE of hidden states, layer {result['tsne']['layer']}",
         ),
         figures.plot_compositional_matrix(
-            result["compositional"][last]["matrix"],
-            result["compositional_probe"]["compounds"],
+            *_readable_compounds(
+                result["compositional"][last]["matrix"], result["compositional_probe"]["compounds"]
+            ),
             out_dir / "compositional_matrix.png",
-            title=f"Colour x object binding, layer {last}",
+            title=f"Colour x object binding, layer {last} (single-object compounds)",
         ),
     ]
     if "load" in result:
@@ -249,6 +250,14 @@ def _figures(result, states, embedding, modality, concept, names, out_dir: Path)
             )
         )
     return [Path(p).name for p in paths]
+
+
+def _readable_compounds(matrix, compounds: list[str], limit: int = 16):
+    """The single-object compounds (colour pairs such as red_circle / green_circle), at most `limit` of them, so the
+    figure stays legible; the binding scores in analysis.json use every compound."""
+    keep = [i for i, name in enumerate(compounds) if "+" not in name][:limit]
+    matrix = np.asarray(matrix)
+    return matrix[np.ix_(keep, keep)], [compounds[i] for i in keep]
 
 
 def evaluate(
