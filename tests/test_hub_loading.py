@@ -55,6 +55,34 @@ def _python_outside_repo() -> list[str]:
     return [sys.executable, "-I"]
 
 
+def load_in_fresh_process(tmp_path: Path, folder: Path, inputs: dict) -> dict:
+    """Run LOAD_SCRIPT on `folder` with `inputs` in a fresh process outside the repo (offline, project hidden) and
+    return what it recorded: logits, router indices, the classes it loaded and whether the tower is frozen."""
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "load.py").write_text(LOAD_SCRIPT)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir(exist_ok=True)
+    argv = [
+        str(tmp_path / "load.py"),
+        str(folder),
+        str(tmp_path / "inputs.pt"),
+        str(tmp_path / "out.pt"),
+        str(REPO),
+    ]
+    result = subprocess.run(
+        [*_python_outside_repo(), *argv],
+        cwd=outside,
+        env=_clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["module"].startswith("transformers_modules.")  # really the remote copy, not this repo
+    return got
+
+
 def test_save_and_remote_code_load_in_fresh_process(tmp_path, processor, red_image):
     torch.manual_seed(0)
     model = MoeVlmForCausalLM(tiny_config(router_mode="softmax")).eval()
@@ -71,31 +99,9 @@ def test_save_and_remote_code_load_in_fresh_process(tmp_path, processor, red_ima
     ):
         assert (folder / name).is_file(), name
     inputs = dict(processor(images=[red_image], text=["<image>\nA red circle."], return_tensors="pt"))
-    torch.save(inputs, tmp_path / "inputs.pt")
     with torch.no_grad():
         expected = model(**inputs, output_router_logits=True)
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_SCRIPT)
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    result = subprocess.run(
-        [
-            *_python_outside_repo(),
-            str(script),
-            str(folder),
-            str(tmp_path / "inputs.pt"),
-            str(tmp_path / "out.pt"),
-            str(REPO),
-        ],
-        cwd=outside,
-        env=_clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
-    assert got["module"].startswith("transformers_modules.")  # really the remote copy, not this repo
+    got = load_in_fresh_process(tmp_path, folder, inputs)
     assert got["processor"] == "MoeVlmProcessor" and got["config"] == "MoeVlmConfig"
     assert got["frozen"]
     torch.testing.assert_close(got["logits"], expected.logits)

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import io
 import json
-import subprocess
 from pathlib import Path
 
 import httpx2
@@ -22,7 +21,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 from huggingface_hub.utils._http import default_client_factory
 from PIL import Image
-from test_hub_loading import LOAD_SCRIPT, REPO, _clean_env, _python_outside_repo
+from test_hub_loading import load_in_fresh_process
 
 import moe_vlm_cli
 from hub import stats as hub_stats
@@ -147,30 +146,9 @@ def test_dry_run_folder_loads_remote_code_in_fresh_process(tmp_path, run_dir, dr
     folder, _ = dry_run
     source = MoeVlmForCausalLM.from_pretrained(run_dir / "stage2").eval()
     inputs = dict(processor(images=[red_image], text=["<image>\nA red circle."], return_tensors="pt"))
-    torch.save(inputs, tmp_path / "inputs.pt")
     with torch.no_grad():
         expected = source(**inputs, output_router_logits=True)
-    (tmp_path / "load.py").write_text(LOAD_SCRIPT)
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    argv = [
-        str(tmp_path / "load.py"),
-        str(folder),
-        str(tmp_path / "inputs.pt"),
-        str(tmp_path / "out.pt"),
-        str(REPO),
-    ]
-    result = subprocess.run(
-        [*_python_outside_repo(), *argv],
-        cwd=outside,
-        env=_clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
-    assert got["module"].startswith("transformers_modules.")  # the repository's code, not this checkout's
+    got = load_in_fresh_process(tmp_path, folder, inputs)
     assert got["processor"] == "MoeVlmProcessor"
     torch.testing.assert_close(got["logits"], expected.logits)
     for a, b in zip(got["indices"], expected.router_indices):
