@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:
-            if not name.startswith(error.name or "\0"):  # the command module (or its package) is absent: skip;
-                raise  # anything else it imports is missing: a real error
+            # The command module (or its package) is absent: skip it. Anything else it imports is missing: raise.
+            if not name.startswith(error.name or "\0"):
+                raise
             continue
         module.register(sub)
     return parser

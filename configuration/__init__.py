@@ -7,7 +7,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"PRESETS": "presets", "load_preset": "presets", "build_processor": "tokenizer", "mistral_tokenizer": "tokenizer"}
+_WHERE = {
+    "PRESETS": "presets",
+    "load_preset": "presets",
+    "build_processor": "tokenizer",
+    "mistral_tokenizer": "tokenizer",
+}
 __all__ = sorted(_WHERE)
 
 

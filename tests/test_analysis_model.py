@@ -16,8 +16,15 @@ def shapes(tmp_path_factory):
     from trainer.data import build_shapes
 
     return build_shapes(
-        tmp_path_factory.mktemp("shapes"), seed=0, image_size=32, n_train=8, n_val=4, n_test=12,
-        n_instruct=4, n_probe=3, n_compositional=2,
+        tmp_path_factory.mktemp("shapes"),
+        seed=0,
+        image_size=32,
+        n_train=8,
+        n_val=4,
+        n_test=12,
+        n_instruct=4,
+        n_probe=3,
+        n_compositional=2,
     )
 
 
@@ -85,7 +92,9 @@ def test_forced_collapse_and_hard_purity(tiny_model, processor, collator, shapes
 
     rows = [shapes["test"][i] for i in range(6)]
     hard = routing_arrays(tiny_model, collator, rows, batch_size=3)
-    report = load_report({k: {**v, "is_image": hard["is_image"]} for k, v in hard["layers"].items()}, num_experts=2)
+    report = load_report(
+        {k: {**v, "is_image": hard["is_image"]} for k, v in hard["layers"].items()}, num_experts=2
+    )
     assert all(layer["purity"]["overall"] == 1.0 for layer in report["layers"].values())
 
     tiny_model.set_router_mode("modality_aware")
@@ -93,8 +102,12 @@ def test_forced_collapse_and_hard_purity(tiny_model, processor, collator, shapes
         for block in tiny_model.moe_blocks().values():
             block.gate.weight.zero_()
             block.gate.modality_embedding.weight.fill_(1.0)
-            block.gate.modality_proj.weight.copy_(torch.tensor([[-5.0], [5.0]]).expand_as(block.gate.modality_proj.weight))
+            block.gate.modality_proj.weight.copy_(
+                torch.tensor([[-5.0], [5.0]]).expand_as(block.gate.modality_proj.weight)
+            )
     forced = routing_arrays(tiny_model, collator, rows, batch_size=3)
-    report = load_report({k: {**v, "is_image": forced["is_image"]} for k, v in forced["layers"].items()}, num_experts=2)
+    report = load_report(
+        {k: {**v, "is_image": forced["is_image"]} for k, v in forced["layers"].items()}, num_experts=2
+    )
     assert report["n_collapsed"] == len(tiny_model.config.moe_layers)
     assert all(layer["dominant_expert"] == 1 for layer in report["layers"].values())
