@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-STAGE_MARKER = "moe_vlm_stage.json"
+from configuration.init_model import COMPLETION_MARKER
+from trainer.freezing import group_of
 
 # The paper's numbers (Ticinovic & Han), quoted only for the comparison column.
 PAPER = {
@@ -40,32 +41,10 @@ def _tensors(stage_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def parameter_group(name: str) -> str:
-    """The trainable group a parameter belongs to (the names the stage markers use)."""
-    if ".vision_tower." in name:
-        return "vision_tower"
-    if ".connector." in name:
-        return "connector"
-    if ".mlp.experts." in name:
-        return "experts"
-    if ".mlp.gate." in name:
-        return "router"
-    if ".mlp." in name:
-        return "mlp"
-    if ".self_attn." in name:
-        return "attention"
-    if "norm" in name:
-        return "norms"
-    if "embed_tokens" in name:
-        return "embeddings"
-    if "lm_head" in name:
-        return "lm_head"
-    return "other"
-
-
 def changed_groups(before: dict, after: dict) -> set[str]:
-    """Groups with at least one tensor that differs between two checkpoints (same names only)."""
-    return {parameter_group(k) for k in after if k in before and not np.array_equal(before[k], after[k])}
+    """Groups (the trainer's, `trainer.freezing.group_of`) with at least one tensor that differs between two
+    checkpoints (same names only)."""
+    return {group_of(k) for k in after if k in before and not np.array_equal(before[k], after[k])}
 
 
 # ----- invariants ------------------------------------------------------------------------------------------------
@@ -100,7 +79,7 @@ def invariants(run_dir: Path, stages: dict[str, Path], analyses: dict[str, dict]
     else:
         order_pairs = list(zip(order, order[1:]))
     for before, after in order_pairs:
-        marker = json.loads((stages[after] / STAGE_MARKER).read_text())
+        marker = json.loads((stages[after] / COMPLETION_MARKER).read_text())
         declared = set(marker.get("trainable", []))
         # (the dense control renames experts to a dense mlp: only tensors present in both are compared)
         changed = changed_groups(weights[before], weights[after])
@@ -169,7 +148,7 @@ def invariants(run_dir: Path, stages: dict[str, Path], analyses: dict[str, dict]
     ]
     losses = []
     for path in stages.values():
-        marker_file = path / STAGE_MARKER
+        marker_file = path / COMPLETION_MARKER
         if marker_file.is_file():
             loss = json.loads(marker_file.read_text()).get("train_loss")
             if loss is not None:
@@ -304,7 +283,7 @@ def write_report(run_dir: str | Path, timings: dict[str, float], extra: dict | N
     """Assemble `report.json` and a self-contained `report.html` in `run_dir` from what the run wrote there."""
     run_dir = Path(run_dir)
     stages = {name: run_dir / name for name in ("stage0", "stage1", "stage2", "stage3", "dense")}
-    stages = {k: v for k, v in stages.items() if (v / STAGE_MARKER).is_file()}
+    stages = {k: v for k, v in stages.items() if (v / COMPLETION_MARKER).is_file()}
     analyses, captioning = {}, {}
     for name in ("stage2", "stage3", "dense"):
         folder = run_dir / "analysis" / name

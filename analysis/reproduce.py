@@ -16,7 +16,7 @@ import platform
 import time
 from pathlib import Path
 
-STAGE_MARKER = "moe_vlm_stage.json"
+from configuration.init_model import COMPLETION_MARKER
 
 # (name, train-stage, from) in protocol order.
 TRAINING_STEPS = (
@@ -34,7 +34,17 @@ def _train(out: Path, name: str, stage: str, source: str | None, seed: int) -> N
     from moe_vlm_cli import main
 
     # the training seed and the Shapes world's seed: the analyses read the same world (analysis.run.load_data)
-    argv = ["train", "--stage", stage, "--out", str(out / name), "--seed", str(seed), "--shapes_seed", str(seed)]
+    argv = [
+        "train",
+        "--stage",
+        stage,
+        "--out",
+        str(out / name),
+        "--seed",
+        str(seed),
+        "--shapes_seed",
+        str(seed),
+    ]
     if source is not None:
         argv += ["--from", str(out / source)]
     if main(argv) != 0:
@@ -63,7 +73,7 @@ def reproduce(out: str | Path, seed: int = 0, n_samples: int = 200, n_eval: int 
         timings_file.write_text(json.dumps(timings, indent=1))
 
     for name, stage, source in TRAINING_STEPS:
-        marker = out / name / STAGE_MARKER
+        marker = out / name / COMPLETION_MARKER
         timed(f"train {name}", lambda n=name, s=stage, f=source: _train(out, n, s, f, seed), marker.is_file())
 
     for name in ANALYSED:

@@ -247,6 +247,13 @@ class MoeVlmConfig(MistralConfig):
                     f"max_position_embeddings={self.max_position_embeddings}"
                 )
 
+    @property
+    def router_losses_weighted(self) -> bool:
+        """Whether any router loss enters the training loss (a coefficient > 0)."""
+        return bool(
+            self.router_aux_loss_coef or self.router_z_loss_coef or self.router_specialisation_loss_coef
+        )
+
     def check_router_mode(self, mode: str) -> None:
         if mode not in ROUTER_MODES:
             raise ValueError(f"router_mode must be one of {ROUTER_MODES}, got {mode!r}")

@@ -500,9 +500,7 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
         return inputs
 
     def _needs_router_outputs(self, requested: bool) -> bool:
-        cfg = self.config
-        losses = cfg.router_aux_loss_coef or cfg.router_z_loss_coef or cfg.router_specialisation_loss_coef
-        return bool(cfg.moe_layers) and (requested or bool(losses))
+        return bool(self.config.moe_layers) and (requested or self.config.router_losses_weighted)
 
     @can_return_tuple
     def forward(
@@ -562,7 +560,7 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
 
         terms, aux_loss = {}, None
         cfg = self.config
-        weighted = cfg.router_aux_loss_coef or cfg.router_z_loss_coef or cfg.router_specialisation_loss_coef
+        weighted = cfg.router_losses_weighted
         if outputs.router_logits and (labels is not None or weighted):  # not on every generation step
             terms = router_losses(
                 outputs.router_logits,

@@ -39,14 +39,13 @@ PARAMETER_GROUPS: dict[str, re.Pattern] = {
 # A router parameter trains only where it gets a gradient: the modality embedding and projection enter the logits
 # only in `modality_aware` mode; under `hard` routing the router is bypassed and learns only from a router loss.
 _MODALITY_ROUTER = re.compile(r"\.mlp\.gate\.modality_(embedding|proj)\.")
-_ROUTER_LOSS_COEFS = ("router_aux_loss_coef", "router_z_loss_coef", "router_specialisation_loss_coef")
 
 
 def _router_learns(name: str, config) -> bool:
     mode = getattr(config, "router_mode", None)
     if _MODALITY_ROUTER.search(name):
         return mode == "modality_aware"
-    return mode != "hard" or any(getattr(config, c, 0) for c in _ROUTER_LOSS_COEFS)
+    return mode != "hard" or getattr(config, "router_losses_weighted", False)
 
 
 def group_of(name: str) -> str:
