@@ -42,7 +42,7 @@ def probe_states(model, processor, records: Sequence, batch_size: int = 16, desc
             **inputs, output_hidden_states=True, logits_to_keep=1
         )  # no full-vocabulary logits: 4x faster
         hidden = torch.stack(out.hidden_states).float()  # (L+1, 2b, T, D)
-        image_mask = out.modality_mask  # (2b, T)
+        image_mask = inputs["input_ids"] == model.config.image_token_id  # (2b, T)
         text_mask = inputs["attention_mask"].bool() & ~image_mask
         text_mask[:, 0] = False  # BOS carries no concept
         b = len(batch)

@@ -5,14 +5,16 @@ The paper (Ticinovic & Han, "Expert Collapse and Compositional Failure in Simple
 stages that differ only in what trains and how tokens are routed, so routing is a runtime switch:
 `hard` sends image tokens to the vision expert and text tokens to the text expert (Stage 2), `gumbel` routes with a
 straight-through Gumbel-softmax (Stage 3), `softmax` is Mixtral/Switch-style and `modality_aware` adds a learned
-modality embedding to the router's input (the review's proposal).
+per-modality term to the router's logits (the review's proposal; in effect a learned bias per modality and expert).
+
+Built as a subclass of transformers' Mistral: the base model's forward, cache handling, masks and kwargs are
+Mistral's own (`MoeVlmModel.forward` only merges image features and derives the modality mask, then calls it), so an
+API change upstream (such as 5.24's `past_key_values` -> `cache`) is inherited rather than missed.
 
 Built on transformers' own MoE machinery: the experts are stacked like Mixtral's, so `experts_implementation`
 ("eager" | "grouped_mm" | "batched_mm" | GPU kernels) picks the dispatch kernel; per-layer router logits and chosen
 experts are recorded by `OutputRecorder` hooks into the output dataclass (no module-level state).
 """
-
-from __future__ import annotations
 
 from dataclasses import dataclass
 
@@ -20,11 +22,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationConfig, MistralForCausalLM, MistralModel
-from transformers.integrations import use_experts_implementation
-from transformers.loss.loss_utils import fixed_cross_entropy
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers import GenerationConfig, MistralForCausalLM, MistralModel
+from transformers import initialization as init
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mistral.modeling_mistral import (
     MistralAttention,
     MistralDecoderLayer,
@@ -33,9 +34,9 @@ from transformers.models.mistral.modeling_mistral import (
     MistralRotaryEmbedding,
 )
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-from transformers.utils import can_return_tuple
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_moe_vlm import MoeVlmConfig, MoeVlmVisionConfig
 
@@ -47,7 +48,9 @@ class MoeVlmModelOutputWithPast(MoeModelOutputWithPast):
         `config.moe_layers` order), the router's raw logits, recorded with `output_router_logits=True`.
     router_indices (`tuple[torch.LongTensor]`): one `(batch * seq, num_experts_per_tok)` tensor per MoE layer, the
         expert(s) each token was dispatched to (after any inversion).
-    modality_mask (`torch.BoolTensor`): `(batch, seq)`, True at image-placeholder positions.
+    modality_mask (`torch.BoolTensor`): `(batch, seq)`, True at image-placeholder positions: the modality the
+        routers saw. Returned with the router outputs (a bool tensor among float outputs would break transformers'
+        tuple/dict output equivalence everywhere else).
     """
 
     router_indices: tuple[torch.LongTensor, ...] | None = None
@@ -59,7 +62,7 @@ class MoeVlmCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
     Adds to `MoeCausalLMOutputWithPast` (whose `aux_loss` holds the weighted sum of the router losses):
     router_indices (`tuple[torch.LongTensor]`): per MoE layer, the chosen expert(s) of every token.
-    modality_mask (`torch.BoolTensor`): `(batch, seq)`, True at image-placeholder positions.
+    modality_mask (`torch.BoolTensor`): `(batch, seq)`, True at image-placeholder positions (with the router outputs).
     load_balancing_loss / z_loss / specialisation_loss (`torch.FloatTensor`): the unweighted router losses, present
         when router outputs were requested together with `labels`, or a coefficient is > 0.
 
@@ -90,7 +93,8 @@ class MoeVlmRouter(nn.Module):
         self.config = config
         self.num_experts = config.num_experts
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-        # modality_aware: logits += W_m e_m, a learned embedding of the token's modality (0 text, 1 image).
+        # modality_aware: logits += W_m e_m, a learned embedding of the token's modality (0 text, 1 image), projected
+        # to one logit per expert: the router's input is unchanged, so this is a learned per-modality bias.
         self.modality_embedding = nn.Embedding(2, config.modality_embed_dim)
         self.modality_proj = nn.Linear(config.modality_embed_dim, config.num_experts, bias=False)
         self.dropout = nn.Dropout(config.router_dropout)
@@ -124,14 +128,11 @@ class MoeVlmRouter(nn.Module):
         return logits, weights.to(hidden_states.dtype), index
 
 
-@use_experts_implementation
 class MoeVlmExperts(MixtralExperts):
     """`num_experts` SwiGLU experts shaped like Mistral's MLP, stacked as Mixtral's: `gate_up_proj` (E, 2I, H) and
     `down_proj` (E, H, I). Each token runs only through its chosen expert: `config._experts_implementation` picks
-    the kernel (grouped_mm sorts tokens per expert; eager loops over experts, never tokens)."""
-
-    # Mixtral's eager kernel, undecorated (the decorator above adds the kernel dispatch once).
-    forward = MixtralExperts.forward.__wrapped__
+    the kernel (grouped_mm sorts tokens per expert; eager loops over experts, never tokens). `MixtralExperts` is
+    already decorated with `@use_experts_implementation`, so the subclass inherits the kernel dispatch as is."""
 
 
 class MoeVlmSparseMoeBlock(nn.Module):
@@ -155,7 +156,13 @@ class MoeVlmSparseMoeBlock(nn.Module):
 
 
 class MoeVlmDecoderLayer(MistralDecoderLayer):
-    """Mistral's decoder layer; its MLP is an MoE block when the layer is listed in `config.moe_layers`."""
+    """Mistral's decoder layer; its MLP is an MoE block when the layer is listed in `config.moe_layers`.
+
+    A dense layer runs Mistral's own forward. An MoE layer repeats its four lines because Mistral calls
+    `self.mlp(hidden_states)` with no room for the modality mask the router reads (transformers' own modality-routed
+    MoE, Ernie 4.5 VL MoE, does the same). Cache, positions and attention kwargs are never named here: they travel in
+    `**kwargs` to Mistral's attention, so a rename upstream passes through unchanged.
+    """
 
     def __init__(self, config: MoeVlmConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -166,29 +173,16 @@ class MoeVlmDecoderLayer(MistralDecoderLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         modality_mask: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        if not self.is_moe:
+            return super().forward(hidden_states, **kwargs)
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, _ = self.self_attn(
-            hidden_states=hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        hidden_states = residual + hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + hidden_states  # (batch, seq, hidden)
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = self.mlp(hidden_states, modality_mask) if self.is_moe else self.mlp(hidden_states)
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states), modality_mask)
         return residual + hidden_states
 
 
@@ -200,7 +194,8 @@ class MoeVlmVisionTower(nn.Module):
         super().__init__()
         vision: MoeVlmVisionConfig = config.vision_config
         # open_clip's own builder of CLIP.visual: the same module (and state-dict keys) as a CLIP model's tower,
-        # so pretrained CLIP weights load as `visual.*`.
+        # so pretrained CLIP weights load as `visual.*`. It is private (open_clip 3.3 has no public builder of the
+        # tower alone); tests/test_model.py names the break if a release renames it.
         self.visual = open_clip.model._build_vision_tower(
             vision.embed_dim, vision.vision_cfg, vision.quick_gelu
         )
@@ -239,6 +234,17 @@ class MoeVlmConnector(nn.Module):
         return hidden
 
 
+# Module types whose parameters `PreTrainedModel._init_weights` initialises itself.
+_INITIALISED_BY_BASE = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.Embedding,
+    nn.MultiheadAttention,
+    nn.LayerNorm,
+    nn.BatchNorm2d,
+)
+
+
 class MoeVlmPreTrainedModel(MistralPreTrainedModel):
     config: MoeVlmConfig
     config_class = MoeVlmConfig
@@ -255,15 +261,40 @@ class MoeVlmPreTrainedModel(MistralPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        """Every weight, so a model materialised from the meta device (empty or partial state dict,
+        `low_cpu_mem_usage`) is fully initialised. `transformers.initialization` functions skip tensors that were
+        loaded, which in-place `.normal_()` would overwrite."""
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, MoeVlmExperts):
-            module.gate_up_proj.normal_(mean=0.0, std=std)
-            module.down_proj.normal_(mean=0.0, std=std)
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, MoeVlmRouter):
-            module.weight.normal_(mean=0.0, std=std)
-            module.modality_proj.weight.normal_(mean=0.0, std=std)
-            module.modality_embedding.weight.normal_(mean=0.0, std=1.0)
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.normal_(module.modality_proj.weight, mean=0.0, std=std)
+            init.normal_(module.modality_embedding.weight, mean=0.0, std=1.0)
+        elif type(module).__module__.startswith("open_clip") and not isinstance(module, _INITIALISED_BY_BASE):
+            # open_clip's bare parameters (the ViT's class and positional embeddings and projection, the ResNet's
+            # attention-pool embedding), unknown to the base class, at open_clip's own scale (width ** -0.5). Handled
+            # on the module that owns them: transformers skips a module without direct parameters of its own.
+            for param in module.parameters(recurse=False):
+                init.normal_(param, mean=0.0, std=param.shape[-1] ** -0.5)
+
+    def freeze_vision_tower(self) -> None:
+        """The paper keeps CLIP frozen in every stage: no gradient, and not listed as trainable."""
+        tower = getattr(self.base_model, "vision_tower", None)
+        if tower is not None and self.config.freeze_vision_tower:
+            tower.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`, unchanged in what it takes and returns (`output_loading_info=True` gives
+        `(model, info)`), then the vision tower re-frozen: loading rebuilds every parameter with
+        `requires_grad=True`."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_vision_tower()
+        return loaded
 
 
 class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
@@ -287,10 +318,6 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
             self.vision_tower = self.connector = None
         self.post_init()
         self.freeze_vision_tower()
-
-    def freeze_vision_tower(self) -> None:
-        if self.vision_tower is not None and self.config.freeze_vision_tower:
-            self.vision_tower.requires_grad_(False)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, 3, S, S) -> (images, num_image_tokens, hidden)."""
@@ -326,82 +353,68 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
                 "needs exactly one `<image>` marker (expanded by MoeVlmProcessor)."
             )
 
-    @merge_with_config_defaults
-    @capture_outputs
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
-        use_cache: bool | None = None,
         modality_mask: torch.BoolTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeVlmModelOutputWithPast:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(images, 3, S, S)`): one per `<image>` marker, in order.
+        modality_mask (`torch.BoolTensor` of shape `(batch, seq)`): True at image tokens; derived from
+            `input_ids == config.image_token_id` when omitted.
+
+        Everything else (cache, positions, `use_cache`, `output_*` flags) goes to Mistral's own forward unchanged,
+        which also records the router outputs (`_can_record_outputs`).
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (batch, seq, hidden)
-        batch, seq = inputs_embeds.shape[:2]
         if modality_mask is None:
             if input_ids is not None:
                 modality_mask = input_ids == self.config.image_token_id
             else:
-                modality_mask = torch.zeros(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
-        modality_mask = modality_mask.to(device=inputs_embeds.device, dtype=torch.bool)
-
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_seen + seq > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Sequence of {past_seen + seq} tokens is longer than the model's context "
-                f"(max_position_embeddings={self.config.max_position_embeddings}); truncate the text"
-            )
+                modality_mask = torch.zeros(
+                    inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device
+                )
+        modality_mask = modality_mask.to(device=inputs_embeds.device, dtype=torch.bool)  # (batch, seq)
 
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
             self.check_placeholders(modality_mask, image_features)
             mask = modality_mask.unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif past_seen == 0 and bool(modality_mask.any()):  # checked at prefill only: no per-token host sync
+        elif self._is_prefill(kwargs.get("cache")) and bool(modality_mask.any()):  # no per-token host sync
             raise ValueError(
                 f"input has {int(modality_mask.sum())} image placeholder tokens but no pixel_values; pass the images"
             )
 
-        if position_ids is None:
-            position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_seen).unsqueeze(0)
-        mask_function = (
-            create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        )
-        causal_mask = mask_function(
-            config=self.config,
+        outputs = super().forward(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = decoder_layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                modality_mask=modality_mask,
-                **kwargs,
-            )
-        hidden_states = self.norm(hidden_states)
-        return MoeVlmModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             modality_mask=modality_mask,
+            return_dict=True,
+            **kwargs,
         )
+        router_logits = outputs.get("router_logits")
+        return MoeVlmModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=router_logits,
+            router_indices=outputs.get("router_indices"),
+            modality_mask=modality_mask if router_logits is not None else None,
+        )
+
+    @staticmethod
+    def _is_prefill(cache) -> bool:
+        return cache is None or cache.get_seq_length() == 0
 
 
 def router_losses(
@@ -486,18 +499,29 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
         for i, block in blocks.items():
             block.gate.invert = bool(invert) and i in chosen
 
-    # ----- loading ----------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        model.model.freeze_vision_tower()  # from_pretrained rebuilds parameters with requires_grad=True
-        return model
-
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and inputs.get("use_cache", True):
-            inputs.pop("modality_mask", None)  # only the prompt carries images; new tokens are text
+    # ----- generation -------------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """Mistral's, plus the modality mask cut to the tokens this step feeds (all of them without a cache, the new
+        ones with it); pixel values are kept at prefill only, by transformers' own rule for multimodal inputs."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        mask = inputs.get("modality_mask")
+        fed = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        if mask is not None and fed is not None:
+            inputs["modality_mask"] = mask[:, -fed.shape[1] :]
         return inputs
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs, *args, num_new_tokens: int = 1, **kwargs
+    ):
+        """An explicit modality mask grows with the sequence like the attention mask: generated tokens are text."""
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, *args, num_new_tokens=num_new_tokens, **kwargs
+        )
+        mask = model_kwargs.get("modality_mask")
+        if mask is not None:
+            new = mask.new_zeros(mask.shape[0], num_new_tokens)  # (batch, new), False
+            model_kwargs["modality_mask"] = torch.cat([mask, new], dim=-1)
+        return model_kwargs
 
     def _needs_router_outputs(self, requested: bool) -> bool:
         return bool(self.config.moe_layers) and (requested or self.config.router_losses_weighted)
@@ -508,33 +532,31 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         modality_mask: torch.BoolTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoeVlmCausalLMOutputWithPast:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(images, 3, S, S)`): one per `<image>` marker, in order.
         modality_mask (`torch.BoolTensor` of shape `(batch, seq)`): True at image tokens; derived from
             `input_ids == config.image_token_id` when omitted.
-        output_router_logits (`bool`): return per-MoE-layer router logits and chosen experts.
+        output_router_logits (`bool`): return per-MoE-layer router logits and chosen experts (default:
+            `config.output_router_logits`).
+        shift_labels (`torch.LongTensor`, in kwargs): pre-shifted targets (sequence/context parallelism), used
+            instead of shifting `labels`, as transformers' causal-LM loss does.
+
+        Cache, positions and `use_cache` go to the base model unchanged, under whatever name transformers uses.
         """
         requested = self.config.output_router_logits if output_router_logits is None else output_router_logits
         need_router = self._needs_router_outputs(requested)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs: MoeVlmModelOutputWithPast = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
             modality_mask=modality_mask,
             output_router_logits=need_router,
             output_router_indices=need_router,
@@ -544,30 +566,26 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
         loss = logits = None
         if labels is not None and self.training:
             # Logits only where labels need them: with a 32k vocabulary the LM head dominates a small model.
-            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # (batch, seq): label of the next token
+            shift_labels = kwargs.pop("shift_labels", None)
+            if shift_labels is None:  # (batch, seq): the label of the next token
+                shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
             keep = shift_labels != -100
-            selected = self.lm_head(hidden_states[keep]).float()  # (labelled tokens, vocab)
-            loss = fixed_cross_entropy(selected, shift_labels[keep], num_items_in_batch)
+            selected = self.lm_head(hidden_states[keep])  # (labelled tokens, vocab)
+            loss = self.loss_function(
+                logits=selected[None], labels=None, shift_labels=shift_labels[keep][None],
+                vocab_size=self.config.vocab_size, **kwargs,
+            )  # fmt: skip
         else:
-            slice_indices = (
-                slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            )
-            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
             if labels is not None:
-                loss = self.loss_function(
-                    logits, labels, self.vocab_size, num_items_in_batch=num_items_in_batch
-                )
+                loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
 
         terms, aux_loss = {}, None
         cfg = self.config
         weighted = cfg.router_losses_weighted
         if outputs.router_logits and (labels is not None or weighted):  # not on every generation step
             terms = router_losses(
-                outputs.router_logits,
-                outputs.router_indices,
-                outputs.modality_mask,
-                attention_mask,
-                self.config,
+                outputs.router_logits, outputs.router_indices, outputs.modality_mask, attention_mask, cfg
             )
             aux_loss = (
                 cfg.router_aux_loss_coef * terms["load_balancing_loss"]
@@ -581,12 +599,12 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if requested else None,
             router_indices=outputs.router_indices if requested else None,
-            modality_mask=outputs.modality_mask,
+            modality_mask=outputs.modality_mask if requested else None,
             **terms,
         )
 
@@ -600,7 +618,7 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
         seed: int = 0,
         dtype: torch.dtype | None = None,
         **config_overrides,
-    ) -> MoeVlmForCausalLM:
+    ) -> "MoeVlmForCausalLM":
         """Upcycle a dense Mistral into the MoE VLM (the paper's Stage 0; the authors' `create_moe_model`).
 
         Attention, norms, embeddings and head are copied; every expert of an MoE layer is a copy of that layer's
@@ -663,7 +681,7 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
                         f"the given vision tower does not match vision_config: missing {missing[:5]}, unexpected "
                         f"{unexpected[:5]}"
                     )
-        model.model.freeze_vision_tower()
+        model.freeze_vision_tower()
         return model
 
 

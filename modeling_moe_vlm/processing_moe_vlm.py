@@ -86,9 +86,12 @@ class MoeVlmProcessor(ProcessorMixin):
                     f"than max_length={max_length}; shorten it"
                 )
             ids.append(sample_ids)
-        if padding_side is not None:
-            self.tokenizer.padding_side = padding_side
-        data = dict(self.tokenizer.pad({"input_ids": ids}, padding=padding, return_tensors=return_tensors))
+        # padding_side applies to this call only (the tokenizer's own default stays as it is)
+        data = dict(
+            self.tokenizer.pad(
+                {"input_ids": ids}, padding=padding, padding_side=padding_side, return_tensors=return_tensors
+            )
+        )
         if flat_images:
             pixel_values = self.image_processor(images=flat_images, return_tensors=return_tensors)[
                 "pixel_values"

@@ -33,13 +33,16 @@ except ImportError:
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 folder, inputs_file, out_file = sys.argv[1:4]
 config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+# Every standard from_pretrained argument keeps working on the remote class (output_loading_info among them).
+model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+model.eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 inputs = torch.load(inputs_file)
 with torch.no_grad():
     out = model(**inputs, output_router_logits=True)
 torch.save({"logits": out.logits, "indices": out.router_indices, "module": type(model).__module__,
             "processor": type(processor).__name__, "config": type(config).__name__,
+            "loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
             "frozen": all(not p.requires_grad for p in model.model.vision_tower.parameters())}, out_file)
 """
 
@@ -104,6 +107,7 @@ def test_save_and_remote_code_load_in_fresh_process(tmp_path, processor, red_ima
     got = load_in_fresh_process(tmp_path, folder, inputs)
     assert got["processor"] == "MoeVlmProcessor" and got["config"] == "MoeVlmConfig"
     assert got["frozen"]
+    assert got["loading_info"]["missing_keys"] == got["loading_info"]["unexpected_keys"] == []
     torch.testing.assert_close(got["logits"], expected.logits)
     for a, b in zip(got["indices"], expected.router_indices):
         assert torch.equal(a, b)

@@ -302,8 +302,8 @@ def test_bad_inputs_give_clear_errors(tiny_model, processor, red_image):
         tiny_model(input_ids=inputs["input_ids"])
     with pytest.raises(ValueError, match="do not match"):
         tiny_model(input_ids=inputs["input_ids"], pixel_values=torch.zeros(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="longer than the model's context"):
-        tiny_model(input_ids=torch.ones(1, 300, dtype=torch.long))
+    # Longer than max_position_embeddings is Mistral's behaviour, not an error (rope scaling extends the context):
+    assert tiny_model(input_ids=torch.ones(1, 300, dtype=torch.long)).logits.shape == (1, 300, 32768)
     with pytest.raises(ValueError, match="max_length"):
         processor(images=[red_image], text=["<image>"], max_length=8)
     assert Image  # imported for the conversions above
@@ -350,3 +350,50 @@ def test_router_losses_ignore_padding():
     )
     for key in with_pad:
         torch.testing.assert_close(with_pad[key], without[key])
+
+
+def test_open_clip_private_vision_builder_still_exists():
+    """`MoeVlmVisionTower` builds `CLIP.visual` with open_clip's private `open_clip.model._build_vision_tower`
+    (open_clip 3.3 has no public builder of the tower alone; `open_clip.CLIP(...)` would also build a text tower).
+    If a release renames it, this names what broke and where to look."""
+    import inspect
+
+    import open_clip
+
+    builder = getattr(open_clip.model, "_build_vision_tower", None)
+    assert builder is not None, (
+        f"open_clip {open_clip.__version__} removed model._build_vision_tower: MoeVlmVisionTower "
+        "(modeling_moe_vlm.py) must build the vision tower another way"
+    )
+    assert list(inspect.signature(builder).parameters)[:3] == ["embed_dim", "vision_cfg", "quick_gelu"]
+
+
+def test_from_pretrained_is_transparent_and_keeps_the_tower_frozen(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    model, info = MoeVlmForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if "vision_tower" not in n)
+
+
+def test_every_weight_is_initialised_from_the_meta_device():
+    """`from_pretrained(None, state_dict={})` materialises every weight from the meta device and initialises it with
+    `_init_weights` alone: no weight (vision tower included) may stay uninitialised or differ from `__init__`'s."""
+    from unittest import mock
+
+    from transformers import PreTrainedModel, set_seed
+
+    original = PreTrainedModel._initialize_weights
+
+    def seeded(*args, **kwargs):  # transformers' own test does this: the same seed before every module's init
+        set_seed(42)
+        original(*args, **kwargs)
+
+    cfg = tiny_config()
+    with mock.patch.object(PreTrainedModel, "_initialize_weights", seeded):
+        from_init = MoeVlmForCausalLM(cfg)
+        from_meta = MoeVlmForCausalLM.from_pretrained(None, config=cfg, state_dict={})
+    expected, got = from_init.state_dict(), from_meta.state_dict()
+    assert sorted(expected) == sorted(got)
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert different == []
