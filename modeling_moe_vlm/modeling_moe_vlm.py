@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, MistralForCausalLM, MistralModel
 from transformers import initialization as init
+from transformers.integrations import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mistral.modeling_mistral import (
@@ -128,11 +129,14 @@ class MoeVlmRouter(nn.Module):
         return logits, weights.to(hidden_states.dtype), index
 
 
+# transformers decides whether `experts_implementation=` may be set by finding this decorator in the model's source
+# (`PreTrainedModel._can_set_experts_implementation`). `MixtralExperts.forward` already dispatches, so with the eager
+# kernel the dispatch runs twice (one extra call); every other kernel is called directly.
+@use_experts_implementation
 class MoeVlmExperts(MixtralExperts):
     """`num_experts` SwiGLU experts shaped like Mistral's MLP, stacked as Mixtral's: `gate_up_proj` (E, 2I, H) and
     `down_proj` (E, H, I). Each token runs only through its chosen expert: `config._experts_implementation` picks
-    the kernel (grouped_mm sorts tokens per expert; eager loops over experts, never tokens). `MixtralExperts` is
-    already decorated with `@use_experts_implementation`, so the subclass inherits the kernel dispatch as is."""
+    the kernel (grouped_mm sorts tokens per expert; eager loops over experts, never tokens)."""
 
 
 class MoeVlmSparseMoeBlock(nn.Module):
@@ -250,6 +254,9 @@ class MoeVlmPreTrainedModel(MistralPreTrainedModel):
     config_class = MoeVlmConfig
     _no_split_modules = ["MoeVlmDecoderLayer"]
     _can_compile_fullgraph = False  # data-dependent dispatch
+    # transformers 5.24 caches "can set experts implementation" on the class it first checks: once a plain
+    # MistralModel was built in the process, its cached False is inherited here. Our experts support it.
+    _can_set_experts_implementation_cached_value = True
     _supports_flash_attn = True
     _supports_sdpa = True
     _can_record_outputs = {

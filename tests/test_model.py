@@ -397,3 +397,15 @@ def test_every_weight_is_initialised_from_the_meta_device():
     assert sorted(expected) == sorted(got)
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert different == []
+
+
+def test_experts_implementation_can_be_set_after_a_plain_mistral_was_built():
+    """transformers 5.24 caches the experts-implementation check on the first class it sees: a MistralModel built
+    first must not make MoeVlm refuse `experts_implementation=`."""
+    from transformers import MistralModel
+
+    MistralModel(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=100))  # fmt: skip
+    model = MoeVlmForCausalLM(tiny_config())
+    model.set_experts_implementation("eager")
+    assert model.config._experts_implementation == "eager"
