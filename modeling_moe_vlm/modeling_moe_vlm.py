@@ -16,16 +16,22 @@ Built on transformers' own MoE machinery: the experts are stacked like Mixtral's
 experts are recorded by `OutputRecorder` hooks into the output dataclass (no module-level state).
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, MistralForCausalLM, MistralModel
+from transformers import Cache, GenerationConfig, MistralForCausalLM, MistralModel
 from transformers import initialization as init
 from transformers.integrations import use_experts_implementation
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPooling,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+)
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mistral.modeling_mistral import (
     MistralAttention,
@@ -37,6 +43,7 @@ from transformers.models.mistral.modeling_mistral import (
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_moe_vlm import MoeVlmConfig, MoeVlmVisionConfig
@@ -205,16 +212,58 @@ class MoeVlmVisionTower(nn.Module):
         )
         self.feature_layer = config.vision_feature_layer
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: (images, 3, S, S) -> (images, patches, width)
-        out = self.visual.forward_intermediates(
-            pixel_values,
-            indices=[self.feature_layer],
-            stop_early=True,
-            intermediates_only=True,
-            output_fmt="NLC",
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutput:
+        """(images, 3, S, S) -> `last_hidden_state` (images, patches, width): the patch tokens of block
+        `vision_feature_layer`. With `output_hidden_states`, every block runs and `hidden_states` holds the block
+        inputs and outputs, CLS included, as transformers' vision towers return them (embeddings + one per block);
+        with `output_attentions`, `attentions` holds each block's (images, heads, tokens, tokens) weights."""
+        hidden, attentions = [], []
+        handles = self._record(hidden, attentions, output_hidden_states, output_attentions)
+        try:
+            out = self.visual.forward_intermediates(
+                pixel_values,
+                indices=[self.feature_layer],
+                stop_early=not (output_hidden_states or output_attentions),
+                intermediates_only=True,
+                output_fmt="NLC",
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return BaseModelOutput(
+            last_hidden_state=out["image_intermediates"][0],
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
         )
-        return out["image_intermediates"][0]
+
+    def _record(self, hidden: list, attentions: list, want_hidden: bool, want_attentions: bool) -> list:
+        """Hooks on open_clip's blocks, for this call only: open_clip returns neither the embedding output nor
+        attention weights (its blocks call `nn.MultiheadAttention` with `need_weights=False`), so they are read at
+        the blocks, the weights by re-running each attention with `need_weights=True` (only when asked)."""
+        transformer = getattr(self.visual, "transformer", None)
+        if transformer is None or not (want_hidden or want_attentions):
+            return []
+        batch_first = getattr(transformer, "batch_first", True)
+
+        def as_nld(x: torch.Tensor) -> torch.Tensor:
+            return x if batch_first else x.transpose(0, 1)
+
+        def weights(module, args, kwargs, output):
+            kwargs = {**kwargs, "need_weights": True, "average_attn_weights": False}
+            attentions.append(module.forward(*args, **kwargs)[1])  # (images, heads, tokens, tokens)
+
+        blocks = transformer.resblocks
+        handles = []
+        if want_hidden:
+            handles.append(
+                blocks[0].register_forward_pre_hook(lambda m, args: hidden.append(as_nld(args[0])))
+            )
+            handles += [b.register_forward_hook(lambda m, a, out: hidden.append(as_nld(out))) for b in blocks]
+        if want_attentions:
+            handles += [b.attn.register_forward_hook(weights, with_kwargs=True) for b in blocks]
+        return handles
 
 
 class MoeVlmConnector(nn.Module):
@@ -326,8 +375,14 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
         self.post_init()
         self.freeze_vision_tower()
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(images, 3, S, S) -> (images, num_image_tokens, hidden)."""
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """(images, 3, S, S) -> transformers' image-features output (as LLaVA's): `pooler_output` (images,
+        num_image_tokens, hidden) the connector's output, which replaces the placeholders; `last_hidden_state`
+        (images, patches, width) the vision tower's patch tokens it was computed from; `hidden_states` / `attentions`
+        of the tower with `output_hidden_states` / `output_attentions` (argument or config)."""
         if self.vision_tower is None:
             raise ValueError(
                 "pixel_values were given but this model has no vision tower (config.vision_config=None)"
@@ -343,12 +398,18 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
                 " preprocess images with MoeVlmProcessor"
             )
         pixel_values = pixel_values.to(self.connector.linear_1.weight.dtype)
-        if self.config.freeze_vision_tower:
-            with torch.no_grad():
-                features = self.vision_tower(pixel_values)
-        else:
-            features = self.vision_tower(pixel_values)
-        return self.connector(features)
+        flags = {
+            name: bool(kwargs.get(name) if kwargs.get(name) is not None else getattr(self.config, name))
+            for name in ("output_hidden_states", "output_attentions")
+        }
+        with torch.no_grad() if self.config.freeze_vision_tower else contextlib.nullcontext():
+            tower = self.vision_tower(pixel_values, **flags)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tower.last_hidden_state,
+            pooler_output=self.connector(tower.last_hidden_state),
+            hidden_states=tower.hidden_states,
+            attentions=tower.attentions,
+        )
 
     @staticmethod
     def check_placeholders(modality_mask: torch.Tensor, image_features: torch.Tensor) -> None:
@@ -361,11 +422,13 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
             )
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         modality_mask: torch.BoolTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -375,8 +438,9 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
         modality_mask (`torch.BoolTensor` of shape `(batch, seq)`): True at image tokens; derived from
             `input_ids == config.image_token_id` when omitted.
 
-        Everything else (cache, positions, `use_cache`, `output_*` flags) goes to Mistral's own forward unchanged,
-        which also records the router outputs (`_can_record_outputs`).
+        `cache` and everything else (positions, `use_cache`, `output_*` flags) go to Mistral's own forward unchanged,
+        which also records the router outputs (`_can_record_outputs`). `past_key_values` is the deprecated name of
+        `cache`, as on Mistral.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -392,11 +456,11 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
         modality_mask = modality_mask.to(device=inputs_embeds.device, dtype=torch.bool)  # (batch, seq)
 
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+            image_features = self.get_image_features(pixel_values).pooler_output.to(inputs_embeds.dtype)
             self.check_placeholders(modality_mask, image_features)
             mask = modality_mask.unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif self._is_prefill(kwargs.get("cache")) and bool(modality_mask.any()):  # no per-token host sync
+        elif self._is_prefill(cache) and bool(modality_mask.any()):  # no per-token host sync
             raise ValueError(
                 f"input has {int(modality_mask.sum())} image placeholder tokens but no pixel_values; pass the images"
             )
@@ -404,6 +468,7 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
         outputs = super().forward(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
+            cache=cache,
             modality_mask=modality_mask,
             return_dict=True,
             **kwargs,
@@ -506,6 +571,10 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
         for i, block in blocks.items():
             block.gate.invert = bool(invert) and i in chosen
 
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]):
+        """`MoeVlmModel.get_image_features`, reachable from the head model as on LLaVA."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
     # ----- generation -------------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, *args, **kwargs):
         """Mistral's, plus the modality mask cut to the tokens this step feeds (all of them without a cache, the new
@@ -534,11 +603,13 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
         return bool(self.config.moe_layers) and (requested or self.config.router_losses_weighted)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         output_router_logits: bool | None = None,
@@ -555,7 +626,8 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
         shift_labels (`torch.LongTensor`, in kwargs): pre-shifted targets (sequence/context parallelism), used
             instead of shifting `labels`, as transformers' causal-LM loss does.
 
-        Cache, positions and `use_cache` go to the base model unchanged, under whatever name transformers uses.
+        `cache`, positions and `use_cache` go to the base model unchanged (`past_key_values` is the deprecated name
+        of `cache`, as on Mistral).
         """
         requested = self.config.output_router_logits if output_router_logits is None else output_router_logits
         need_router = self._needs_router_outputs(requested)
@@ -563,6 +635,7 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             modality_mask=modality_mask,
             output_router_logits=need_router,

@@ -55,7 +55,7 @@ def test_probe_states_layout(tiny_model, processor, shapes):
     # layer-0 input = embeddings: the image part of the first record equals the connector output mean
     inputs = processor(images=[rows[0]["image"].convert("RGB")], text=["<image>"], return_tensors="pt")
     with torch.no_grad():
-        features = tiny_model.model.get_image_features(inputs["pixel_values"])[0].mean(0)
+        features = tiny_model.model.get_image_features(inputs["pixel_values"]).pooler_output[0].mean(0)
     np.testing.assert_allclose(states["visual"][0, 0], features.numpy(), rtol=1e-4, atol=1e-5)
 
 

@@ -409,3 +409,46 @@ def test_experts_implementation_can_be_set_after_a_plain_mistral_was_built():
     model = MoeVlmForCausalLM(tiny_config())
     model.set_experts_implementation("eager")
     assert model.config._experts_implementation == "eager"
+
+
+def test_get_image_features_follows_the_transformers_contract(tiny_model, processor, red_image):
+    """transformers 5.x's image-features output, as LLaVA's: the connector output in `pooler_output` (what replaces
+    the placeholders), the tower's patch tokens in `last_hidden_state`, the tower's hidden states (embeddings + one per
+    block) and attentions (one per block) on request, a tuple with `return_dict=False`."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    pixel_values = processor(images=[red_image, red_image], text=["<image>", "<image>"])["pixel_values"]
+    blocks, hidden = tiny_model.config.vision_config.num_layers, tiny_model.config.hidden_size
+    with torch.no_grad():
+        out = tiny_model.get_image_features(pixel_values, output_hidden_states=True, output_attentions=True)
+        plain = tiny_model.get_image_features(pixel_values)
+        as_tuple = tiny_model.get_image_features(pixel_values, return_dict=False)
+    assert isinstance(out, BaseModelOutputWithPooling) and isinstance(as_tuple, tuple)
+    assert out.pooler_output.shape == (2, 16, hidden) and out.last_hidden_state.shape == (2, 16, 64)
+    assert len(out.hidden_states) == blocks + 1 and out.hidden_states[0].shape == (2, 17, 64)  # CLS included
+    assert len(out.attentions) == blocks and out.attentions[0].shape == (
+        2,
+        2,
+        17,
+        17,
+    )  # (images, heads, L, L)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 2, 17))
+    # the selected block (penultimate) is the one the connector reads, with or without the extra outputs
+    torch.testing.assert_close(out.hidden_states[-2][:, 1:], out.last_hidden_state)
+    torch.testing.assert_close(plain.pooler_output, out.pooler_output)
+    assert plain.hidden_states is None and plain.attentions is None
+
+
+def test_rope_scaling_extends_the_context_past_max_position_embeddings():
+    """A sequence longer than `max_position_embeddings` runs (as on Mistral), and linear rope scaling changes it."""
+    torch.manual_seed(0)
+    model = MoeVlmForCausalLM(tiny_config()).eval()
+    scaled = MoeVlmForCausalLM(
+        tiny_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    ).eval()
+    scaled.load_state_dict(model.state_dict())
+    input_ids = torch.randint(11, 32768, (1, 300))  # > max_position_embeddings = 256, no image placeholder
+    with torch.no_grad():
+        plain, longer = model(input_ids=input_ids).logits, scaled(input_ids=input_ids).logits
+    assert torch.isfinite(longer).all() and longer.shape == (1, 300, 32768)
+    assert (plain - longer).abs().max() > 1e-3
