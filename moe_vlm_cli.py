@@ -12,9 +12,9 @@ import sys
 
 # Packages that add subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "configuration.cli",  # init, route
-    "trainer.cli",  # train
-    "analysis.cli",  # analyze, evaluate, reproduce
+    "trainer.cli",  # init, train
+    "analysis.cli",  # analyze, evaluate, route
+    "pipeline.cli",  # reproduce
     "hub.cli",  # publish
     "space.cli",  # demo
     "benchmarks.cli",  # bench
@@ -41,7 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # A command that takes free-form `--field value` pairs (`train`: every recipe field, which only transformers'
+    # HfArgumentParser knows, imported when the command runs) says so with `set_defaults(extra_args=[])` and gets
+    # them there; for any other command they are an error, exactly as `parse_args` reports it.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "extra_args"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra_args = extra
     try:
         args.func(args)
     except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as error:

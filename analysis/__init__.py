@@ -17,7 +17,9 @@ hidden states and router outputs) lives elsewhere and calls these.
 - ``figures``: PNG writers for the above
 
 Names are imported lazily (PEP 562) so that ``import analysis.load`` does not pull in scikit-learn,
-matplotlib or pycocoevalcap.
+matplotlib or pycocoevalcap. ``_EXPORTS`` below is written out rather than derived: deriving it without
+importing the modules would mean parsing their source at ``import analysis``; instead
+``tests/test_analysis_exports.py`` checks that it equals each module's ``__all__``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ _EXPORTS = {
         "diagonal_margins",
         "permutation_test",
     ],
-    "load": ["MODALITIES", "PAPER_MODALITY_TO_EXPERT", "expert_load", "load_report"],
+    "load": ["LOAD_GROUPS", "PAPER_MODALITY_TO_EXPERT", "expert_load", "load_report"],
     "tsne": ["auto_perplexity", "silhouettes", "tsne_embed"],
     "compositional": ["binding_score", "compositional_matrix", "parse_compound"],
     "cka": ["expert_cka_matrix", "linear_cka", "weight_distance"],

@@ -1,14 +1,8 @@
-"""`moe-vlm reproduce`: the main job on the embedded default."""
+"""`moe-vlm analyze` and `moe-vlm evaluate` on one stage directory, and `moe-vlm route` on one image + caption."""
 
 from __future__ import annotations
 
 import argparse
-
-
-def _cmd_reproduce(args) -> None:
-    from .reproduce import reproduce
-
-    reproduce(args.out, seed=args.seed, n_samples=args.n_samples, n_eval=args.n_eval)
 
 
 def _cmd_analyze(args) -> None:
@@ -43,6 +37,40 @@ def _cmd_evaluate(args) -> None:
     print(f"captioning.json -> {args.out}: {shown}")
 
 
+def _cmd_route(args) -> None:
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from .routing import format_routing, route_sample
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
+    if args.router_mode:
+        model.set_router_mode(args.router_mode)
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    if args.image:
+        with Image.open(args.image) as opened:
+            image = opened.convert("RGB")
+    else:
+        image = example_image(model.config.vision_config.image_size)
+    text = args.text if "<image>" in args.text else "<image>\n" + args.text
+    routing = route_sample(model, processor, image, text)
+    n_image = sum(routing["is_image"])
+    print(
+        f"router_mode={model.config.router_mode}  ({n_image} image tokens, "
+        f"{len(routing['is_image']) - n_image} text tokens)"
+    )
+    print(format_routing(routing))
+
+
+def example_image(size: int):
+    """A red circle on white, so `moe-vlm route` works without an image file."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(image).ellipse([size // 4, size // 4, 3 * size // 4, 3 * size // 4], fill=(220, 30, 30))
+    return image
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     for name, func, helptext in (
         (
@@ -66,11 +94,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--n-permutations", type=int, default=1000)
         p.set_defaults(func=func)
 
-    p = sub.add_parser(
-        "reproduce", help="run the protocol on the embedded default (tiny models, generated data)"
+    p = sub.add_parser("route", help="print per-layer expert routing of one image + caption")
+    p.add_argument("--model", required=True, help="model directory or Hub id")
+    p.add_argument("--image", default=None, help="image file (default: a generated red circle)")
+    p.add_argument(
+        "--text", default="<image>\nA red circle.", help="text; '<image>' marks where the image goes"
     )
-    p.add_argument("--out", default="runs/reproduce", help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-samples", type=int, default=200, help="test captions for routing/crossover analyses")
-    p.add_argument("--n-eval", type=int, default=100, help="test images captioned for the metrics")
-    p.set_defaults(func=_cmd_reproduce)
+    p.add_argument("--router-mode", default=None, choices=["hard", "gumbel", "softmax", "modality_aware"])
+    p.set_defaults(func=_cmd_route)

@@ -18,9 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from configuration.contract import LOAD_GROUPS
+
 from ._arrays import to_labels, to_numpy
 from .compositional import binding_score, parse_compound
-from .load import MODALITIES
 from .stats import diagonal_hits
 
 
@@ -121,8 +122,8 @@ def plot_expert_load(
     x = np.arange(len(order))
 
     fig = _new_figure(figsize, dpi)
-    axes = fig.subplots(len(MODALITIES), 1, sharex=True)
-    for ax, modality in zip(axes, MODALITIES):
+    axes = fig.subplots(len(LOAD_GROUPS), 1, sharex=True)
+    for ax, modality in zip(axes, LOAD_GROUPS):
         values = np.zeros((len(order), num_experts))
         for row, layer in enumerate(order):
             v = layers[layer][modality][quantity]

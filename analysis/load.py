@@ -27,47 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from configuration.contract import LOAD_GROUPS
+from trainer.load_stats import group_stats
+
 from ._arrays import to_labels, to_numpy
 
 PAPER_MODALITY_TO_EXPERT = {"image": 0, "text": 1}
-MODALITIES = ("image", "text", "all")
-
-
-def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Shannon entropy in nats with 0 log 0 = 0."""
-    logp = np.log(np.where(p > 0, p, 1.0))
-    return -(p * logp).sum(axis=axis)
-
-
-def _modality_stats(choices: np.ndarray, probs: np.ndarray | None, num_experts: int) -> dict:
-    n = int(choices.shape[0])
-    if n == 0:
-        return {
-            "n_tokens": 0,
-            "counts": [0] * num_experts,
-            "dispatch": None,
-            "soft_mass": None,
-            "routing_entropy": None,
-            "load_entropy": None,
-        }
-    counts = np.bincount(choices, minlength=num_experts)  # (E,)
-    dispatch = counts / n
-    max_entropy = float(np.log(num_experts))
-    out = {
-        "n_tokens": n,
-        "counts": [int(x) for x in counts],
-        "dispatch": [float(x) for x in dispatch],
-        "soft_mass": None,
-        "routing_entropy": None,
-        # Entropy of the hard load: 0 when one expert takes everything, ln E when perfectly balanced.
-        "load_entropy": float(np.clip(_entropy(dispatch), 0.0, max_entropy)),
-    }
-    if probs is not None:
-        out["soft_mass"] = [float(x) for x in probs.mean(axis=0)]
-        # Mean per-token entropy: how *uncertain* the router is, not how balanced the load is (a router
-        # that is 50/50 on every token has ln 2 here even if argmax ties all break to one expert).
-        out["routing_entropy"] = float(np.clip(_entropy(probs).mean(), 0.0, max_entropy))
-    return out
 
 
 def expert_load(
@@ -126,11 +91,8 @@ def expert_load(
             f"modality_to_expert needs exactly the keys 'image' and 'text', got {sorted(mapping)}"
         )
 
-    selections = {"image": img, "text": ~img, "all": np.ones(t, dtype=bool)}
     report: dict[str, Any] = {"n_tokens": t, "num_experts": num_experts}
-    for name in MODALITIES:
-        sel = selections[name]
-        report[name] = _modality_stats(ch[sel], None if pr is None else pr[sel], num_experts)
+    report.update(group_stats(ch, pr, img, num_experts))
     report["max_entropy"] = float(np.log(num_experts))
 
     dispatch_all = report["all"]["dispatch"]
@@ -204,4 +166,4 @@ def load_report(
     }
 
 
-__all__ = ["MODALITIES", "PAPER_MODALITY_TO_EXPERT", "expert_load", "load_report"]
+__all__ = ["LOAD_GROUPS", "PAPER_MODALITY_TO_EXPERT", "expert_load", "load_report"]

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE
+
 from . import figures
 from .captioning import caption_metrics
 from .cka import linear_cka, weight_distance
@@ -198,7 +200,7 @@ def analyze(
             for layer, r in routing["layers"].items()
         }
         modality_to_expert = {
-            "image": model.config.modality_to_expert["vision"],
+            "image": model.config.modality_to_expert["image"],
             "text": model.config.modality_to_expert["text"],
         }
         result["load"] = load_report(
@@ -213,7 +215,7 @@ def analyze(
     result["figures"] = _figures(result, states, embedding, modality, concept, names, out_dir)
     result["seconds"] = time.time() - started
     result = _jsonable(result)
-    (out_dir / "analysis.json").write_text(json.dumps(result, indent=1))
+    (out_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -295,7 +297,7 @@ def evaluate(
             "seconds": time.time() - started,
         }
     )
-    (out_dir / "captioning.json").write_text(json.dumps(result, indent=1))
+    (out_dir / CAPTIONING_FILE).write_text(json.dumps(result, indent=1))
     (out_dir / "captions.json").write_text(
         json.dumps(
             {i: {"prediction": predictions[i], "references": references[i]} for i in predictions}, indent=1

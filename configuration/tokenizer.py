@@ -4,7 +4,6 @@ and the processor built around it."""
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,11 +12,9 @@ from transformers import AutoTokenizer, CLIPImageProcessor, LlamaTokenizer
 
 from modeling_moe_vlm import MoeVlmConfig, MoeVlmProcessor
 
+from .contract import cache_root
+
 SENTENCEPIECE_FILE = "mistral_instruct_tokenizer_240323.model.v3"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOE_VLM_CACHE", Path.home() / ".cache" / "moe_vlm"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -25,7 +22,7 @@ def _converted_tokenizer_dir() -> str:
     """Convert the sentencepiece model once (about 4 s) and keep the fast `tokenizer.json` (loads in 0.5 s)."""
     import mistral_common
 
-    target = cache_dir() / "mistral-v0.3-tokenizer"
+    target = cache_root() / "mistral-v0.3-tokenizer"
     if (target / "tokenizer.json").is_file():
         return str(target)
     source = Path(mistral_common.__file__).parent / "data" / SENTENCEPIECE_FILE

@@ -209,6 +209,15 @@ out = model(**inputs, output_router_logits=True)
 out.router_indices  # one (tokens, 1) tensor per MoE layer: the expert each token went to
 ```
 
+Or caption an image the way other VLMs are reached (`AutoModelForImageTextToText` loads it too):
+
+```python
+from transformers import pipeline
+
+captioner = pipeline("image-text-to-text", model="{repo_id}", trust_remote_code=True)
+captioner(images=image, text="{image_marker}\\n", max_new_tokens=20, return_full_text=False)[0]["generated_text"]
+```
+
 The model code ships in this repository (`modeling_moe_vlm.py`, `configuration_moe_vlm.py`,
 `processing_moe_vlm.py`), hence `trust_remote_code=True`. It needs `transformers>={version}` and open_clip for the
 vision tower: `pip install "transformers>={version}" open_clip_torch` (the package installs as `open_clip_torch` and

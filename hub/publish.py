@@ -25,6 +25,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, RECIPE_FILE
+from configuration.contract import ROUTING_SUMMARY_FILE as ROUTING_STATS_FILE
+
 from .card import build_card, datasets_from_recipes
 from .stats import COMPLETION_MARKER, read_marker, routing_stats, stage_chain, write_routing_figures
 
@@ -45,10 +48,8 @@ MODEL_FILE_PATTERNS = (
     "chat_template.jinja",
     "chat_template.json",
 )
-RESULT_FILES = ("analysis.json", "captioning.json")
-ROUTING_STATS_FILE = "routing_stats.json"
+RESULT_FILES = (ANALYSIS_FILE, CAPTIONING_FILE)
 FIGURES_DIR = "figures"
-RECIPE_FILE = "recipe.yaml"  # the resolved recipe `moe-vlm train` writes next to a stage's model
 _RELATIVE_IMPORT = re.compile(
     r"^\s*from\s+\.(\S+)\s+import", re.MULTILINE
 )  # what transformers copies as remote code
@@ -56,11 +57,14 @@ _RELATIVE_IMPORT = re.compile(
 
 @dataclass
 class StagedRepo:
-    """A folder holding exactly the files of the repository `repo_id` (paths relative, POSIX, sorted)."""
+    """A folder holding exactly the files of the repository `repo_id` (paths relative, POSIX, sorted): a model repo,
+    or a Space (`repo_type="space"`, created with `space_sdk`)."""
 
     folder: Path
     repo_id: str
     files: list[str] = field(default_factory=list)
+    repo_type: str = "model"
+    space_sdk: str | None = None
 
     @property
     def size(self) -> int:
@@ -72,13 +76,13 @@ class UploadError(RuntimeError):
 
 
 # ----- checks ------------------------------------------------------------------------------------------------------
-def check_repo_id(repo_id: str) -> str:
-    """`USER/NAME`, valid on the Hub (the card's loading snippet needs the full id)."""
+def check_repo_id(repo_id: str, flag: str = "--repo-id") -> str:
+    """`USER/NAME`, valid on the Hub (the card's loading snippet needs the full id); `flag` names it in errors."""
     from huggingface_hub.utils import validate_repo_id
 
-    validate_repo_id(repo_id)  # HFValidationError is a ValueError
     if repo_id.count("/") != 1:
-        raise ValueError(f"--repo-id {repo_id!r} must be USER/NAME (or ORG/NAME)")
+        raise ValueError(f"{flag} {repo_id!r} must be USER/NAME (or ORG/NAME)")
+    validate_repo_id(repo_id)  # HFValidationError is a ValueError
     return repo_id
 
 
@@ -200,12 +204,11 @@ def _read_recipes(directories: list[Path]) -> list[dict]:
     ]
 
 
-def _prepare_out(out: Path, model_dir: Path, overwrite: bool) -> None:
-    out_r, model_r = out.resolve(), model_dir.resolve()
-    if out_r == model_r or model_r in out_r.parents or out_r in model_r.parents:
-        raise ValueError(
-            f"--out {out} overlaps the model directory {model_dir}: stage into a separate folder"
-        )
+def prepare_out(out: Path, source: Path, overwrite: bool, what: str = "the model directory") -> None:
+    """Make `out` a new or empty folder apart from `source` (`what` names it in the error)."""
+    out_r, source_r = out.resolve(), source.resolve()
+    if out_r == source_r or source_r in out_r.parents or out_r in source_r.parents:
+        raise ValueError(f"--out {out} overlaps {what} {source}: stage into a separate folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise ValueError(f"--out {out} exists and is not empty: choose a new folder or pass --overwrite")
@@ -240,7 +243,7 @@ def stage_repo(
     chain = stage_chain(model_dir)
     dirs = default_analysis_dirs(model_dir) if analysis_dirs is None else [Path(d) for d in analysis_dirs]
     results, figure_paths = find_results(model_dir, dirs)
-    _prepare_out(out, model_dir, overwrite)
+    prepare_out(out, model_dir, overwrite)
 
     for path in _model_files(model_dir):
         _place(path, out / path.name)
@@ -265,8 +268,8 @@ def stage_repo(
         markers=[m for _, m in chain],
         config=config,
         routing=routing,
-        analysis=loaded.get("analysis.json"),
-        captioning=loaded.get("captioning.json"),
+        analysis=loaded.get(ANALYSIS_FILE),
+        captioning=loaded.get(CAPTIONING_FILE),
         figures=figures,
         files=[*listed_files(out), "README.md"],
         base_model=base_model,
@@ -313,8 +316,9 @@ def _failure_report(staged: StagedRepo, operations: list, phase: str, error: Bas
 def upload_staged(
     staged: StagedRepo, *, private: bool = False, token: str | None = None, commit_message: str | None = None
 ):
-    """Create `staged.repo_id` (kept as it is when it exists) and commit exactly `staged.files` in one commit.
-    Returns the `CommitInfo`; raises UploadError saying what was and was not uploaded."""
+    """Create `staged.repo_id` (kept as it is when it exists; a Space with `staged.space_sdk`) and commit exactly
+    `staged.files` in one commit. Returns the `CommitInfo`; raises UploadError saying what was and was not
+    uploaded."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     on_disk = listed_files(staged.folder)
@@ -324,16 +328,28 @@ def upload_staged(
     operations = [
         CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(staged.folder / n)) for n in staged.files
     ]
+    space = {"space_sdk": staged.space_sdk} if staged.repo_type == "space" else {}
+    default_message = (
+        "Upload the moe-vlm Space with `moe-vlm publish --space`"
+        if space
+        else "Upload moe-vlm checkpoint with `moe-vlm publish`"
+    )
     phase = "creating the repository"
     try:
         # private=None (not False) without --private: the account's or organisation's default visibility applies.
-        api.create_repo(staged.repo_id, repo_type="model", private=True if private else None, exist_ok=True)
+        api.create_repo(
+            staged.repo_id,
+            repo_type=staged.repo_type,
+            private=True if private else None,
+            exist_ok=True,
+            **space,
+        )
         phase = "uploading and committing the files"
         return api.create_commit(
             staged.repo_id,
             operations,
-            repo_type="model",
-            commit_message=commit_message or "Upload moe-vlm checkpoint with `moe-vlm publish`",
+            repo_type=staged.repo_type,
+            commit_message=commit_message or default_message,
         )
     except Exception as error:
         raise UploadError(_failure_report(staged, operations, phase, error)) from error
@@ -352,12 +368,24 @@ def publish(
 ):
     """Stage (into `out`, or a new temporary folder) and, unless `dry_run`, upload. Returns (StagedRepo, CommitInfo
     or None). A temporary folder is removed after a successful upload and kept after a failed one."""
+
+    def stage(folder: Path) -> StagedRepo:
+        return stage_repo(model_dir, folder, repo_id, overwrite=overwrite, **stage_options)
+
+    return stage_and_upload(stage, out=out, dry_run=dry_run, private=private, commit_message=commit_message)
+
+
+def stage_and_upload(
+    stage, *, out: str | Path | None, dry_run: bool, private: bool, commit_message: str | None
+) -> tuple[StagedRepo, object]:
+    """`stage(folder) -> StagedRepo` into `out` (or a new temporary folder), then, unless `dry_run`, upload it in one
+    commit: what `publish` and `publish_space` share. Returns (StagedRepo, CommitInfo or None)."""
     if not dry_run:
         require_token()  # fail before the (possibly long) staging
     temporary = out is None
     folder = Path(tempfile.mkdtemp(prefix="moe-vlm-publish-")) if temporary else Path(out)
     try:
-        staged = stage_repo(model_dir, folder, repo_id, overwrite=overwrite, **stage_options)
+        staged = stage(folder)
     except BaseException:
         if temporary:
             shutil.rmtree(folder, ignore_errors=True)
@@ -379,9 +407,11 @@ __all__ = [
     "check_repo_id",
     "find_results",
     "listed_files",
+    "prepare_out",
     "publish",
     "remote_code_files",
     "require_token",
+    "stage_and_upload",
     "stage_repo",
     "upload_staged",
 ]

@@ -18,11 +18,10 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-COMPLETION_MARKER = (
-    "moe_vlm_stage.json"  # the same name `configuration.init_model` writes; kept here (no import)
-)
-ROUTING_LOG = "routing_stats.jsonl"  # the name `trainer.callbacks.ROUTING_STATS_FILE` writes
-MODALITIES = ("image", "text", "all")
+from configuration.contract import COMPLETION_MARKER, LOAD_GROUPS
+from configuration.contract import ROUTING_LOG_FILE as ROUTING_LOG
+
+MODALITIES = LOAD_GROUPS  # the groups a routing log reports: each modality and all tokens together
 VECTOR_FIELDS = ("dispatch", "prob")  # per expert
 SCALAR_FIELDS = ("entropy",)
 FORMAT = "moe-vlm routing_stats v1"

@@ -13,7 +13,9 @@ from transformers import MistralConfig, PreTrainedConfig
 
 ROUTER_MODES = ("hard", "gumbel", "softmax", "modality_aware")
 CONNECTOR_TYPES = ("linear", "mlp2x_gelu")
-MODALITIES = ("vision", "text")
+# The token modalities (equal to `configuration.contract.MODALITIES`: remote code cannot import it; a test checks).
+MODALITIES = ("image", "text")
+IMAGE_TEXT_TO_TEXT_AUTO_MAP = {"AutoModelForImageTextToText": "modeling_moe_vlm.MoeVlmForCausalLM"}
 
 
 @strict
@@ -110,13 +112,14 @@ class MoeVlmConfig(MistralConfig):
         num_experts_per_tok (`int`, defaults to 1): top-k (the paper routes top-1).
         moe_layers (`list[int]`, *optional*): which decoder layers get an MoE FFN; default all. An empty list gives
             the dense VLM (the paper's dense control).
-        router_mode (`str`): `hard` (image tokens to `modality_to_expert["vision"]`, text to `["text"]`, router
+        router_mode (`str`): `hard` (image tokens to `modality_to_expert["image"]`, text to `["text"]`, router
             bypassed: Stage 2), `gumbel` (straight-through Gumbel-softmax top-1: Stage 3), `softmax` (plain top-k
             softmax, Mixtral/Switch style) or `modality_aware` (the router also sees a learned modality embedding,
             then routes like `gumbel`). Switchable on a loaded model with `model.set_router_mode(...)`.
         gumbel_tau (`float`): Gumbel-softmax temperature.
         router_dropout (`float`): dropout on the router's input during training.
-        modality_to_expert (`dict`): `{"vision": 0, "text": 1}` by default.
+        modality_to_expert (`dict`): `{"image": 0, "text": 1}` by default (the vision expert is expert 0). Configs
+            saved before the modality was called "image" everywhere (key `"vision"`) load unchanged.
         modality_embed_dim (`int`): size of the learned modality embedding of the `modality_aware` router.
         router_aux_loss_coef (`float`): Switch load-balancing loss coefficient (0: the paper uses none).
         router_z_loss_coef (`float`): router z-loss coefficient (0 by default).
@@ -179,10 +182,18 @@ class MoeVlmConfig(MistralConfig):
             self.moe_layers = list(range(self.num_hidden_layers))
         self.moe_layers = sorted(int(i) for i in self.moe_layers)
         if self.modality_to_expert is None:
-            self.modality_to_expert = {"vision": 0, "text": 1}
+            self.modality_to_expert = {"image": 0, "text": 1}
+        elif "vision" in self.modality_to_expert and "image" not in self.modality_to_expert:
+            mapping = dict(self.modality_to_expert)  # a config saved with the earlier key name
+            mapping["image"] = mapping.pop("vision")
+            self.modality_to_expert = mapping
         if self.vision_config is not None and self.num_image_tokens is None:
             self.num_image_tokens = self.vision_config.num_patches
         super().__post_init__(**kwargs)
+        # A VLM is reached through AutoModelForImageTextToText (and `pipeline("image-text-to-text")`) as well as
+        # AutoModelForCausalLM; `register_for_auto_class` records one Auto class per class, and save_pretrained adds
+        # that one (and AutoConfig) to whatever `auto_map` the config holds, so the second entry starts here.
+        self.auto_map = {**IMAGE_TEXT_TO_TEXT_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         self.check_moe_vlm()
 
     def check_moe_vlm(self) -> None:

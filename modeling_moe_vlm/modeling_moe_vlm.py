@@ -116,7 +116,7 @@ class MoeVlmRouter(nn.Module):
         if mode == "modality_aware":
             logits = logits + self.modality_proj(self.modality_embedding(is_image.long()))
         if mode == "hard":
-            vision, text = self.config.modality_to_expert["vision"], self.config.modality_to_expert["text"]
+            vision, text = self.config.modality_to_expert["image"], self.config.modality_to_expert["text"]
             index = torch.where(is_image, vision, text).unsqueeze(-1)  # (tokens, 1)
             weights = torch.ones_like(index, dtype=hidden_states.dtype)
         elif mode == "softmax":
@@ -514,7 +514,7 @@ def router_losses(
     valid = valid.reshape(-1).float()  # (tokens,)
     n_valid = valid.sum().clamp_min(1.0)
     target = torch.where(
-        modality_mask.reshape(-1), config.modality_to_expert["vision"], config.modality_to_expert["text"]
+        modality_mask.reshape(-1), config.modality_to_expert["image"], config.modality_to_expert["text"]
     )
     dispatched_sum = torch.zeros(num_experts, device=valid.device)
     prob_sum = torch.zeros(num_experts, device=valid.device)

@@ -154,12 +154,26 @@ def build_demo(model_id_or_path: str | None = None) -> gr.Blocks:
     def highlight(routing, layer):
         return view.highlighted_tokens(routing, view.nearest_layer(routing, layer)) if routing else []
 
+    # The page opens on a worked example: the first Shapes example in the inputs, and its result, computed once (on
+    # the first page load, so the app starts as fast as before) and shown to every visitor without pressing Run.
+    examples = example_inputs()
+    first_example = examples[0] if examples else None
+    worked_example: dict = {}
+    worked_example_lock = threading.Lock()
+
+    def show_worked_example():
+        with worked_example_lock:
+            if "outputs" not in worked_example:
+                image_path, text = first_example
+                worked_example["outputs"] = run(image_path, text, demo_model.native_mode, max(moe_layers))
+        return worked_example["outputs"]
+
     with gr.Blocks(title="moe-vlm: per-layer expert routing") as demo:
         gr.Markdown(
             "# moe-vlm: which expert sees which token\n"
             "Upload an image (or pick an example), type a prompt and press **Run**: the model answers and every "
             "MoE layer shows the expert each image, prompt and answer token went to. Switch the routing mode to "
-            "see the same input under each.\n\n"
+            "see the same input under each. The page opens on the first example, already run.\n\n"
             f"{demo_model.choice.describe()} — MoE layers {moe_layers}, {config.num_experts} experts, "
             f"trained routing mode `{demo_model.native_mode}`."
         )
@@ -168,6 +182,7 @@ def build_demo(model_id_or_path: str | None = None) -> gr.Blocks:
                 # type="filepath", image_mode=None: the handler gets the file untouched and checks it itself.
                 image = with_plain_upload_errors(
                     gr.Image(
+                        value=first_example[0] if first_example else None,
                         label="Image",
                         type="filepath",
                         image_mode=None,
@@ -176,7 +191,12 @@ def build_demo(model_id_or_path: str | None = None) -> gr.Blocks:
                         height=260,
                     )
                 )
-                prompt = gr.Textbox(label="Prompt", placeholder="e.g. Describe the image.", elem_id="prompt")
+                prompt = gr.Textbox(
+                    value=first_example[1] if first_example else None,
+                    label="Prompt",
+                    placeholder="e.g. Describe the image.",
+                    elem_id="prompt",
+                )
                 mode = gr.Radio(
                     demo_model.modes,
                     value=demo_model.native_mode,
@@ -184,7 +204,7 @@ def build_demo(model_id_or_path: str | None = None) -> gr.Blocks:
                     info="inverted: the model's own routing with every token sent to the other expert",
                 )
                 run_button = gr.Button("Run", variant="primary", elem_id="run")
-                gr.Examples(example_inputs(), inputs=[image, prompt], label="Shapes examples")
+                gr.Examples(examples, inputs=[image, prompt], label="Shapes examples")
             with gr.Column(scale=2):
                 answer = gr.Textbox(label="Generated answer (greedy)", elem_id="answer", interactive=False)
                 layer = gr.Slider(
@@ -227,6 +247,8 @@ def build_demo(model_id_or_path: str | None = None) -> gr.Blocks:
             api_name=API_NAME,
         )
         layer.change(highlight, inputs=[routing, layer], outputs=tokens, api_name=False)
+        if first_example:
+            demo.load(show_worked_example, outputs=[answer, heatmap, load, tokens, routing], api_name=False)
     return demo
 
 

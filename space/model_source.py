@@ -1,9 +1,10 @@
 """Which model the Space shows, and what to tell the person about it.
 
 In order: the explicit argument (`moe-vlm demo --model`), the `MODEL_ID` environment variable (a local directory or
-a Hub id: how a Hub Space is pointed at a published model), the most-trained stage the reproduction wrote under
-`runs/reproduce/` (Stage 3 first), and last an untrained tiny model built on the spot (only possible inside the
-repository, where `configuration` is importable; the UI says it is untrained).
+a Hub id), the first id under `models:` in this folder's `README.md` front matter (what `moe-vlm publish --space`
+writes: the published Space's model, which the Hub also links to the Space), the most-trained stage the
+reproduction wrote under `runs/reproduce/` (Stage 3 first), and last an untrained tiny model built on the spot (only
+possible inside the repository, where `trainer` is importable; the UI says it is untrained).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import metadata_load  # parses a card's YAML front matter locally
+
 MARKER = "moe_vlm_stage.json"  # a finished stage directory's completion marker, written last
+SPACE_CARD = Path(__file__).resolve().parent / "README.md"  # the Space's card; its `models:` names the model
 REPRODUCE_DIR = Path(__file__).resolve().parent.parent / "runs" / "reproduce"
 # Most-trained first: the routing a visitor should see is the one the full protocol produced.
 STAGE_PREFERENCE = ("3", "2.5", "2", "1", "0")
@@ -100,9 +104,9 @@ def choose_local(source: str, origin: str) -> ModelChoice:
 
 def build_untrained_model() -> ModelChoice:
     """An untrained tiny model in a temporary directory (removed at exit). Needs the repository's
-    `configuration` package: on a Hub Space, set `MODEL_ID` instead."""
+    `trainer` package: on a Hub Space, set `MODEL_ID` instead."""
     try:
-        from configuration.init_model import init_model  # the repository only; lazily: rarely needed
+        from trainer.upcycle import init_model  # the repository only; lazily: rarely needed
     except ImportError:
         raise FileNotFoundError(
             "no model to show: set the MODEL_ID environment variable (a Hub id such as USER/NAME, or a local "
@@ -119,9 +123,25 @@ def build_untrained_model() -> ModelChoice:
     )
 
 
+def model_from_card(card: Path | None = None) -> str | None:
+    """The first `models:` entry of the Space card's front matter (default: `SPACE_CARD`), or None. The repository's
+    own `space/README.md` names none; `moe-vlm publish --space USER/NAME --model USER/MODEL` stages it with one."""
+    card = SPACE_CARD if card is None else card
+    if not card.is_file():
+        return None
+    models = (metadata_load(card) or {}).get("models") or []
+    models = [models] if isinstance(models, str) else models
+    return models[0] if models and isinstance(models[0], str) and models[0].strip() else None
+
+
 def choose_model(model_id_or_path: str | None = None) -> ModelChoice:
     """Resolve what to load (see the module docstring for the order)."""
-    for source, origin in ((model_id_or_path, "--model"), (os.environ.get("MODEL_ID"), "MODEL_ID")):
+    candidates = (
+        (model_id_or_path, "--model"),
+        (os.environ.get("MODEL_ID"), "MODEL_ID"),
+        (model_from_card(), "the Space card's models:"),
+    )
+    for source, origin in candidates:
         if source:
             return (
                 choose_local(source, origin)
@@ -134,4 +154,4 @@ def choose_model(model_id_or_path: str | None = None) -> ModelChoice:
     return build_untrained_model()
 
 
-__all__ = ["ModelChoice", "choose_model", "find_reproduced_model"]
+__all__ = ["ModelChoice", "choose_model", "find_reproduced_model", "model_from_card"]

@@ -147,3 +147,99 @@ def test_bootstrap_reports_its_downward_bias_on_noisy_means():
     result = bootstrap_ci(visual, textual, n_boot=200, seed=0)
     assert result["margin_bias"] < 0
     assert result["margin_ci_basic"][0] > result["margin_ci"][0]
+
+
+# ----- scipy.stats.permutation_test gives the numbers of the hand-written loop it replaced ---------------------------
+
+
+def _hand_written_permutation_test(visual, textual, n_permutations, seed, center=False, chunk=None):
+    """The loop `permutation_test` ran before it used scipy (kept here only, as the reference): observed and null
+    (k, mean margin) and the p-values ``(1 + #{null >= observed}) / (1 + n)``."""
+    from analysis._arrays import l2_normalize, row_space_projection
+    from analysis.stats import diagonal_margins
+
+    c, n_v, d = visual.shape
+    t_means = textual.mean(axis=1)
+    x = visual.reshape(c * n_v, d)
+    if center:
+        x, t_means = x - x.mean(axis=0), t_means - t_means.mean(axis=0)
+    t_unit = l2_normalize(t_means)
+    basis = row_space_projection(x)
+    if basis is not None:
+        x, t_unit = x @ basis, t_unit @ basis
+
+    def sims(rows):
+        return l2_normalize(rows.reshape(rows.shape[0], c, n_v, -1).sum(axis=2)) @ t_unit.T
+
+    observed = sims(x[None])[0]
+    obs_k, obs_margin = int(diagonal_hits(observed).sum()), float(diagonal_margins(observed).mean())
+    rng = np.random.default_rng(seed)
+    null_k, null_margin = [], []
+    step = chunk or n_permutations
+    for start in range(0, n_permutations, step):
+        p = min(step, n_permutations - start)
+        m = sims(x[rng.permuted(np.broadcast_to(np.arange(c * n_v), (p, c * n_v)), axis=1)])
+        null_k.append(diagonal_hits(m).sum(axis=-1))
+        null_margin.append(diagonal_margins(m).mean(axis=-1))
+    null_k, null_margin = np.concatenate(null_k), np.concatenate(null_margin)
+    tol = 1e-12 * max(1.0, abs(obs_margin))
+    return {
+        "observed_k": obs_k,
+        "observed_margin": obs_margin,
+        "p_value_k": float((1 + np.sum(null_k >= obs_k)) / (1 + n_permutations)),
+        "p_value_margin": float((1 + np.sum(null_margin >= obs_margin - tol)) / (1 + n_permutations)),
+        "null_k_counts": [int(x) for x in np.bincount(null_k, minlength=c + 1)],
+        "null_k_mean": float(null_k.mean()),
+        "null_margin_mean": float(null_margin.mean()),
+        "null_margin_std": float(null_margin.std()),
+    }
+
+
+def _weakly_aligned(seed=4):
+    rng = np.random.default_rng(seed)
+    proto = rng.normal(size=(5, 16)) * 0.3
+    return proto[:, None] + rng.normal(size=(5, 6, 16)), proto[:, None] + rng.normal(size=(5, 9, 16))
+
+
+PERMUTATION_CASES = {
+    "aligned": (lambda: aligned_samples(noise=4.0, seed=1), {}),
+    "random": (lambda: tuple(np.random.default_rng(3).normal(size=(2, 8, 20, 32))), {}),
+    "weak, N_t != N_v": (_weakly_aligned, {}),
+    "weak, centred": (_weakly_aligned, {"center": True}),
+    "projected (D > C N)": (lambda: aligned_samples(c=4, n=5, d=200, noise=2.0), {}),
+    "one visual sample per concept": (lambda: aligned_samples(c=8, n=1, d=8, noise=2.0), {}),
+}
+
+
+@pytest.mark.parametrize("case", PERMUTATION_CASES)
+@pytest.mark.parametrize("seed", [0, 7])
+def test_scipy_permutation_test_equals_the_hand_written_loop(case, seed, monkeypatch):
+    make, kwargs = PERMUTATION_CASES[case]
+    visual, textual = make()
+    result = permutation_test(visual, textual, n_permutations=300, seed=seed, **kwargs)
+    expected = _hand_written_permutation_test(visual, textual, 300, seed, **kwargs)
+    assert {key: result[key] for key in expected} == expected  # exactly: same draws, same sums
+    # Chunked (the memory budget splits the permutations into batches): still the same numbers.
+    monkeypatch.setattr("analysis.stats._CHUNK_BYTES", 4096 * 8)
+    chunked = permutation_test(visual, textual, n_permutations=300, seed=seed, **kwargs)
+    assert chunked == result
+
+
+def test_permutation_test_pinned_numbers():
+    # Computed with the hand-written implementation before the switch to scipy (seed 0, 200 permutations).
+    visual, textual = np.random.default_rng(3).normal(size=(2, 8, 20, 32))
+    result = permutation_test(visual, textual, n_permutations=200, seed=0)
+    assert result["observed_k"] == 0 and result["null_k_counts"] == [76, 78, 36, 9, 1, 0, 0, 0, 0]
+    assert result["p_value_k"] == 1.0 and result["p_value_margin"] == 168 / 201
+    assert result["observed_margin"] == pytest.approx(-0.06136702157729165, rel=1e-12)
+    assert result["null_margin_mean"] == pytest.approx(0.0013862966025206553, rel=1e-9)
+    assert result["null_margin_std"] == pytest.approx(0.06525941105997071, rel=1e-12)
+
+
+def test_permutation_test_is_exact_when_permutations_cover_every_ordering():
+    # C = 2, N_v = 3: only 6! = 720 orderings of the visual samples; scipy then enumerates them (no +1 in the p-value).
+    visual, textual = aligned_samples(c=2, n=3, d=4, noise=0.5)
+    result = permutation_test(visual, textual, n_permutations=1000, seed=0)
+    assert result["n_permutations"] == 720 and sum(result["null_k_counts"]) == 720
+    # Each relabelling comes up 3! 3! = 36 times; the observed one among them, so p >= 36 / 720.
+    assert result["p_value_margin"] >= 36 / 720

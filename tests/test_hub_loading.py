@@ -16,20 +16,25 @@ from modeling_moe_vlm import MoeVlmForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 
-LOAD_SCRIPT = """
+# The start of every fresh-process script: hide this project exactly as a stranger's machine would not have it (drop an
+# editable install's finder and any path entry pointing into the repository, `sys.argv[4]`), and prove it is hidden.
+HIDE_PROJECT = """
 import sys
-# Hide this project exactly as a stranger's machine would not have it: drop an editable install's finder and any
-# path entry pointing into the repository.
 sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
                  and "__editable__" not in type(f).__module__]
 import os
 sys.path = [p for p in sys.path if os.path.realpath(p or ".") != os.path.realpath(sys.argv[4])]
-import json, torch
 try:
     import modeling_moe_vlm
     raise SystemExit("the project's package is importable: this would not test remote code")
 except ImportError:
     pass
+"""
+
+LOAD_SCRIPT = (
+    HIDE_PROJECT
+    + """
+import json, torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 folder, inputs_file, out_file = sys.argv[1:4]
 config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
@@ -45,6 +50,7 @@ torch.save({"logits": out.logits, "indices": out.router_indices, "module": type(
             "loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
             "frozen": all(not p.requires_grad for p in model.model.vision_tower.parameters())}, out_file)
 """
+)
 
 
 def _clean_env(tmp_path: Path) -> dict:

@@ -1,7 +1,9 @@
 """`moe-vlm publish`: the dry-run folder is the repository a stranger downloads (it loads with trust_remote_code in a
 fresh process outside the repo and gives the source model's logits), its card parses and validates, and the real
 upload code (huggingface_hub's own HTTP client, answered offline by a mock Hub) commits exactly the dry-run files;
-a failed commit says what was and was not uploaded and leaves the folder intact; the token never shows."""
+a failed commit says what was and was not uploaded and leaves the folder intact; the token never shows. The Space
+(`--space USER/NAME --model USER/MODEL`) the same way: its dry-run folder is the app with the model named in its card
+(which the staged app picks), and the Space endpoints commit exactly that folder."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx2
@@ -198,14 +203,13 @@ def test_malformed_routing_log_names_file_and_line(tmp_path):
 
 
 def test_file_names_agree_with_the_writers():
-    from configuration.init_model import COMPLETION_MARKER
+    from configuration import contract
     from hub import publish
-    from trainer.callbacks import ROUTING_STATS_FILE
-    from trainer.recipes import RECIPE_FILE
 
-    assert hub_stats.COMPLETION_MARKER == COMPLETION_MARKER
-    assert hub_stats.ROUTING_LOG == ROUTING_STATS_FILE
-    assert publish.RECIPE_FILE == RECIPE_FILE
+    assert hub_stats.COMPLETION_MARKER == contract.COMPLETION_MARKER
+    assert hub_stats.ROUTING_LOG == contract.ROUTING_LOG_FILE
+    assert publish.RECIPE_FILE == contract.RECIPE_FILE
+    assert publish.ROUTING_STATS_FILE == contract.ROUTING_SUMMARY_FILE
 
 
 # ----- the card ----------------------------------------------------------------------------------------------------
@@ -242,11 +246,13 @@ def test_card_parses_with_its_metadata(dry_run):
 
 # ----- a mock Hub: huggingface_hub's own client, answered offline ----------------------------------------------------
 class MockHub:
-    """Answers the Hub API calls of create_repo + create_commit (LFS storage included); records every request;
+    """Answers the Hub API calls of create_repo + create_commit (LFS storage included) for one repository, a model
+    (`/api/models/{repo}/...`) or a Space (`repo_type="space"`: `/api/spaces/{repo}/...`); records every request;
     anything else is answered 404 and recorded as unexpected. `fail_commit` makes the commit endpoint fail."""
 
-    def __init__(self, fail_commit: bool = False):
+    def __init__(self, fail_commit: bool = False, repo_id: str = REPO_ID, repo_type: str = "model"):
         self.fail_commit = fail_commit
+        self.repo_id, self.repo_type = repo_id, repo_type
         self.calls: list[str] = []
         self.unexpected: list[str] = []
         self.auth: set[str] = set()
@@ -259,19 +265,22 @@ class MockHub:
         self.calls.append(f"{method} {path}")
         if request.url.host != "storage.mock":
             self.auth.add(request.headers.get("authorization", ""))
-        api = f"/api/models/{REPO_ID}"
+        repo_id, prefix = self.repo_id, "spaces/" if self.repo_type == "space" else ""
+        api = f"/api/{self.repo_type}s/{repo_id}"
         if (method, path) == ("POST", "/api/repos/create"):
             self.created = json.loads(request.content)
-            return httpx2.Response(200, json={"url": f"https://huggingface.co/{REPO_ID}"})
+            return httpx2.Response(200, json={"url": f"https://huggingface.co/{prefix}{repo_id}"})
         if (method, path) == ("POST", "/api/validate-yaml"):
-            problem = validate_card_metadata(json.loads(request.content)["content"])
+            body = json.loads(request.content)
+            validate = validate_space_metadata if body.get("repoType") == "space" else validate_card_metadata
+            problem = validate(body["content"])
             return httpx2.Response(400, text=problem) if problem else httpx2.Response(200, json={})
         if (method, path) == ("POST", f"{api}/preupload/main"):
             files = json.loads(request.content)["files"]
             modes = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith((".safetensors", ".png"))
                       else "regular", "shouldIgnore": False} for f in files]  # fmt: skip
             return httpx2.Response(200, json={"files": modes})
-        if (method, path) == ("POST", f"/{REPO_ID}.git/info/lfs/objects/batch"):
+        if (method, path) == ("POST", f"/{prefix}{repo_id}.git/info/lfs/objects/batch"):
             objects = json.loads(request.content)["objects"]
             actions = [
                 {**o, "actions": {"upload": {"href": f"https://storage.mock/{o['oid']}"}}} for o in objects
@@ -289,7 +298,7 @@ class MockHub:
             return httpx2.Response(
                 200,
                 json={
-                    "commitUrl": f"https://huggingface.co/{REPO_ID}/commit/{'a' * 40}",
+                    "commitUrl": f"https://huggingface.co/{prefix}{repo_id}/commit/{'a' * 40}",
                     "commitOid": "a" * 40,
                 },
             )
@@ -318,6 +327,22 @@ def validate_card_metadata(content: str) -> str | None:
             for metric in result.get("metrics", []):
                 if "type" not in metric or not isinstance(metric.get("value"), (int, float)):
                     return f"model-index: metric {metric} needs a type and a numeric value"
+    return None
+
+
+def validate_space_metadata(content: str) -> str | None:
+    """What a Hub checks of a Space card's YAML, offline: huggingface_hub's SpaceCard parses it, the SDK is one the
+    Hub knows, the app file and every linked model are named. Returns the problem, or None."""
+    from huggingface_hub import SpaceCard, constants
+
+    try:
+        data = SpaceCard(content).data
+    except ValueError as error:
+        return f"metadata does not parse: {error}"
+    if data.sdk not in constants.SPACES_SDK_TYPES:
+        return f'"sdk" must be one of {constants.SPACES_SDK_TYPES}'
+    if not data.app_file or not all(isinstance(m, str) and m.count("/") == 1 for m in data.models or []):
+        return '"app_file" and every "models" entry (USER/NAME) are needed'
     return None
 
 
@@ -453,3 +478,125 @@ def test_refusals_are_one_clear_line(run_dir, tmp_path, monkeypatch):
     code, _, err = _cli("--model", str(stage2), "--repo-id", REPO_ID, "--out", str(tmp_path / "never"))
     assert code == 2 and "no Hugging Face token" in err
     assert not (tmp_path / "never").exists()  # refused before staging anything
+
+
+# ----- the Space: `moe-vlm publish --space USER/NAME --model USER/MODEL` -------------------------------------------
+SPACE_ID = "someone/moe-vlm-routing"
+SPACE_DIR = Path(__file__).resolve().parents[1] / "space"
+SPACE_FILES = {
+    "README.md", "app.py", "input_checks.py", "model_source.py", "requirements.txt", "routing_view.py",
+    "shapes_examples.py", "examples/blue_square_yellow_triangle.png", "examples/green_star.png",
+    "examples/pink_heart_cyan_diamond.png", "examples/red_circle.png",
+}  # fmt: skip
+
+
+def _space_cli(*argv: str) -> tuple[int, str, str]:
+    return _cli("--space", SPACE_ID, "--model", REPO_ID, *argv)
+
+
+@pytest.fixture(scope="module")
+def space_dry_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("space") / "dry"
+    code, out, err = _space_cli("--dry-run", "--out", str(folder))
+    assert code == 0, err
+    return folder, out
+
+
+def test_space_dry_run_stages_the_app_pointed_at_the_model(space_dry_run):
+    from huggingface_hub import SpaceCard
+
+    folder, out = space_dry_run
+    assert set(listed_files(folder)) == SPACE_FILES  # not the package marker, not `moe-vlm demo`, no caches
+    assert "dry run" in out and f"the Space {SPACE_ID}" in out and all(name in out for name in SPACE_FILES)
+    for name in SPACE_FILES - {"README.md"}:  # the app as the repository has it
+        assert (folder / name).read_bytes() == (SPACE_DIR / name).read_bytes(), name
+    staged, source = SpaceCard.load(folder / "README.md"), SpaceCard.load(SPACE_DIR / "README.md")
+    assert staged.data.models == [REPO_ID]  # where the app and the Hub learn the model
+    assert validate_space_metadata(str(staged)) is None
+    assert staged.text == source.text
+    assert {k: v for k, v in staged.data.to_dict().items() if k != "models"} == source.data.to_dict()
+
+
+def test_staged_space_app_chooses_the_model_its_card_names(space_dry_run, tmp_path):
+    """The staged folder alone (as the Space runs it, no project importable): the app's model choice is the card's."""
+    folder, _ = space_dry_run
+    script = (
+        "import json, model_source; c = model_source.choose_model(); "
+        "print(json.dumps([c.source, c.origin, c.untrained]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MODEL_ID")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == [REPO_ID, "Hub, the Space card's models:", False]
+
+
+def test_space_upload_commits_exactly_the_dry_run_files(space_dry_run, mock_hub, tmp_path):
+    mock_hub.repo_id, mock_hub.repo_type = SPACE_ID, "space"
+    folder = tmp_path / "staged"
+    code, out, err = _space_cli("--out", str(folder))
+    assert code == 0, err
+    assert mock_hub.unexpected == []
+    assert mock_hub.calls[:3] == [
+        "POST /api/repos/create",
+        "POST /api/validate-yaml",  # the Space card is checked before any byte moves
+        f"POST /api/spaces/{SPACE_ID}/preupload/main",
+    ]
+    assert mock_hub.calls[-1] == f"POST /api/spaces/{SPACE_ID}/commit/main"
+    assert sum(call.endswith("/commit/main") for call in mock_hub.calls) == 1  # one commit
+    assert mock_hub.created == {  # no --private: the account's default visibility
+        "name": "moe-vlm-routing",
+        "organization": "someone",
+        "type": "space",
+        "sdk": "gradio",
+    }
+    assert mock_hub.auth == {f"Bearer {TOKEN}"}
+    assert f"https://huggingface.co/spaces/{SPACE_ID}/commit/" in out
+
+    dry_folder = space_dry_run[0]
+    committed = mock_hub.committed()
+    assert set(committed) == set(listed_files(dry_folder)) == SPACE_FILES
+    digests = _digests(dry_folder)
+    for name, item in committed.items():
+        if item["key"] == "file":
+            content = base64.b64decode(item["value"]["content"])
+            assert hashlib.sha256(content).hexdigest() == digests[name], name
+        else:  # the example PNGs went through LFS storage
+            assert item["value"]["oid"] == digests[name], name
+            assert hashlib.sha256(mock_hub.storage[digests[name]]).hexdigest() == digests[name], name
+    assert {n for n, i in committed.items() if i["key"] == "lfsFile"} == {
+        n for n in digests if n.endswith(".png")
+    }
+    _token_absent(out, err, folder=folder)
+
+
+def test_space_failed_commit_says_what_was_uploaded_and_keeps_the_folder(mock_hub, tmp_path):
+    mock_hub.repo_id, mock_hub.repo_type, mock_hub.fail_commit = SPACE_ID, "space", True
+    folder = tmp_path / "staged"
+    code, out, err = _space_cli("--private", "--out", str(folder))
+    assert code == 2 and "Traceback" not in err
+    assert mock_hub.created["visibility"] == "private"
+    assert f"upload to {SPACE_ID} failed while uploading and committing the files" in err and "500" in err
+    assert "the commit could not be created" in err and "Committed: none" in err
+    pngs = sorted(n for n in SPACE_FILES if n.endswith(".png"))
+    uploaded = next(line for line in err.splitlines() if line.startswith("Uploaded to the Hub's storage"))
+    not_uploaded = next(line for line in err.splitlines() if line.startswith("Not uploaded"))
+    assert f"({len(pngs)}): {', '.join(pngs)}." in uploaded
+    assert all(name in not_uploaded for name in SPACE_FILES - set(pngs))
+    assert f"The staged folder is intact: {folder}" in err and set(listed_files(folder)) == SPACE_FILES
+    _token_absent(out, err, folder=folder)
+
+
+def test_space_refusals_are_one_clear_line(run_dir, tmp_path):
+    stage2 = str(run_dir / "stage2")
+    code, _, err = _cli("--space", SPACE_ID, "--model", stage2, "--dry-run")  # a local directory
+    assert code == 2 and "Hub id of a published model" in err and f"--model {stage2} --repo-id" in err
+    code, _, err = _space_cli("--repo-id", REPO_ID, "--dry-run")
+    assert code == 2 and "--repo-id names a model repository" in err
+    code, _, err = _space_cli("--analysis", str(tmp_path), "--dry-run")
+    assert code == 2 and "--analysis" in err and "Traceback" not in err
+    code, _, err = _cli("--space", "just-a-name", "--model", REPO_ID, "--dry-run")
+    assert code == 2 and "--space 'just-a-name' must be USER/NAME" in err
+    code, _, err = _cli("--model", stage2, "--dry-run")  # the model upload still needs its repo id
+    assert code == 2 and "--repo-id USER/NAME is required" in err

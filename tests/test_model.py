@@ -60,7 +60,7 @@ def test_hard_routing_is_exact(tiny_model, processor, red_image):
 
 
 def test_hard_routing_follows_modality_to_expert(processor, red_image):
-    model = MoeVlmForCausalLM(tiny_config(modality_to_expert={"vision": 1, "text": 0})).eval()
+    model = MoeVlmForCausalLM(tiny_config(modality_to_expert={"image": 1, "text": 0})).eval()
     out = model(**_inputs(processor, red_image), output_router_logits=True)
     is_image = out.modality_mask.reshape(-1)
     assert torch.equal(out.router_indices[0][:, 0], torch.where(is_image, 1, 0))
@@ -316,7 +316,7 @@ def test_bad_inputs_give_clear_errors(tiny_model, processor, red_image):
         ({"num_experts_per_tok": 3}, "num_experts_per_tok"),
         ({"num_experts_per_tok": 2, "router_mode": "gumbel"}, "routes top-1"),
         ({"moe_layers": [5]}, "moe_layers"),
-        ({"modality_to_expert": {"vision": 0, "text": 2}}, "modality_to_expert"),
+        ({"modality_to_expert": {"image": 0, "text": 2}}, "modality_to_expert"),
         ({"connector_type": "qformer"}, "connector_type"),
         ({"image_token_id": 40000}, "image_token_id"),
         ({"num_image_tokens": 10}, "num_image_tokens"),

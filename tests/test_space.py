@@ -297,12 +297,12 @@ def test_choose_model_order_and_errors(tmp_path, monkeypatch):
 
 
 def test_without_any_model_one_is_built_on_the_spot_and_called_untrained(tmp_path, monkeypatch):
-    import configuration.init_model
+    import trainer.upcycle
 
     def fake_init_model(out, preset):  # the real one takes ~20 s; the wiring is what is under test here
         write_stage(Path(out), "0")
 
-    monkeypatch.setattr(configuration.init_model, "init_model", fake_init_model)
+    monkeypatch.setattr(trainer.upcycle, "init_model", fake_init_model)
     monkeypatch.setattr(model_source, "REPRODUCE_DIR", tmp_path / "nothing")
     monkeypatch.delenv("MODEL_ID", raising=False)
     chosen = model_source.choose_model()

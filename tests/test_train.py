@@ -14,11 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_config
 from safetensors.torch import load_file
 
 from trainer.freezing import PARAMETER_GROUPS, apply_trainable, group_of, trainable_names
-from trainer.recipes import STAGES, parse_recipe, recipe_path
+from trainer.recipes import (
+    STAGE_CHOSEN_FIELDS,
+    STAGES,
+    StageArguments,
+    build_parser,
+    parse_recipe,
+    recipe_path,
+)
 from trainer.routing_stats import RoutingAccumulator, flatten, unflatten
 from trainer.stage_dirs import COMPLETION_MARKER
 from trainer.stages import STAGE_TRAINERS
@@ -49,7 +57,7 @@ def make_stage0(path: Path) -> Path:
     """A Stage 0 directory (upcycled: identical experts) of conftest's tiny config, written by `init_model`."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from configuration.init_model import init_model
+    from trainer.upcycle import init_model
 
     cfg = tiny_config()
     dense_fields = (
@@ -472,7 +480,7 @@ def test_train_command_runs_a_stage_with_field_overrides(workdir, shapes, pipeli
 
 
 @pytest.mark.parametrize("recipe_set", ["tiny", "paper"])
-def test_every_recipe_parses_and_agrees_with_its_stage_trainer(recipe_set, tmp_path):
+def test_every_recipe_parses_and_states_its_stage_protocol(recipe_set, tmp_path):
     for stage in STAGES:
         if recipe_set == "paper" and stage == "pretrain":
             continue  # paper scale starts from pretrained Mistral-7B and ViT-L-14
@@ -480,13 +488,23 @@ def test_every_recipe_parses_and_agrees_with_its_stage_trainer(recipe_set, tmp_p
         overrides = ["--use_cpu", "true"] if recipe_set == "paper" else []
         recipe = parse_recipe(stage, tmp_path / stage, recipe=recipe_set, overrides=overrides)
         assert recipe.stage.stage == stage and recipe.training.output_dir == str(tmp_path / stage)
-        trainer = STAGE_TRAINERS.get(stage)
-        if trainer is not None:
-            assert tuple(recipe.stage.trainable) == trainer.default_trainable
-            assert recipe.stage.router_mode == trainer.default_router_mode
-            assert recipe.stage.train_split == trainer.default_split
+        if stage in STAGE_TRAINERS:
+            # The recipe file itself says what trains, how it routes and on which split (one place for them), and
+            # both scales run the same protocol.
+            written = yaml.safe_load(recipe_path(stage, recipe_set).read_text())
+            assert "trainable" in written and "train_split" in written
+            assert ("router_mode" in written) == (stage != "dense")
+            embedded = StageArguments(stage=stage)  # no recipe: the embedded one fills the stage's fields
+            for name in STAGE_CHOSEN_FIELDS:
+                assert getattr(recipe.stage, name) == getattr(embedded, name), (stage, name)
         if recipe_set == "paper" and stage not in ("0",):
             assert recipe.training.bf16 and recipe.training.activation_checkpointing
+
+
+def test_help_recipe_shows_the_stage_recipe_values():
+    assert build_parser().parse_args([]).clip_max_steps is None  # unset until the pretraining recipe fills it
+    assert build_parser("pretrain").parse_args([]).clip_max_steps == 160
+    assert build_parser("3").parse_args([]).learning_rate == 5e-4
 
 
 def test_recipe_overrides_win_and_bad_fields_are_named(tmp_path):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-from .routing_stats import PREFIX, unflatten
+from configuration.contract import ROUTING_LOG_FILE
 
-ROUTING_STATS_FILE = "routing_stats.jsonl"
+from .routing_stats import PREFIX, unflatten
 
 
 class RoutingStatsCallback(TrainerCallback):
@@ -28,7 +28,7 @@ class RoutingStatsCallback(TrainerCallback):
         self.stage = stage
 
     def path(self, args) -> Path:
-        return Path(args.output_dir) / ROUTING_STATS_FILE
+        return Path(args.output_dir) / ROUTING_LOG_FILE
 
     def on_train_begin(self, args, state, control, **kwargs):
         # A fresh run starts a fresh file; a resumed one keeps the lines up to its checkpoint and drops later ones
@@ -135,7 +135,6 @@ def _backend() -> str | None:
 
 
 __all__ = [
-    "ROUTING_STATS_FILE",
     "CompactPrinterCallback",
     "CompactProgressCallback",
     "GumbelTauCallback",

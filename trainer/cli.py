@@ -1,10 +1,12 @@
-"""`moe-vlm train`: one stage of the protocol (pretraining, upcycling, Stages 1–3, the dense control).
+"""`moe-vlm train`: one stage of the protocol (pretraining, upcycling, Stages 1–3, the dense control), and
+`moe-vlm init`: Stage 0 alone, an upcycled model from a dense Mistral (random tiny, a path or a Hub id).
 
     moe-vlm train --stage {pretrain,0,1,2,2.5,3,dense} --out DIR [--from DIR] [--recipe FILE|tiny|paper]
                   [--FIELD VALUE ...]
 
 Any recipe field (StageArguments, PretrainArguments, TrainingArguments) can follow as `--field value`;
-`--help-recipe` lists them. `accelerate launch -m trainer train ...` runs the same code on several processes.
+`--help-recipe` lists them (with `--stage S [--recipe R]`: their values in that recipe as defaults).
+`accelerate launch -m trainer train ...` runs the same code on several processes.
 """
 
 from __future__ import annotations
@@ -15,42 +17,51 @@ import argparse
 STAGE_CHOICES = ("pretrain", "0", "1", "2", "2.5", "3", "dense")
 
 
-class _PassThroughParser(argparse.ArgumentParser):
-    """Keeps the arguments it does not know (`--learning_rate 1e-4`) in `overrides` for `HfArgumentParser`, which
-    knows every recipe field, instead of rejecting them."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        namespace, extras = super().parse_known_args(args, namespace)
-        namespace.overrides = extras
-        return namespace, []
-
-
 def _cmd_train(args) -> None:
     from .recipes import build_parser, parse_recipe
     from .run import run
 
     if args.help_recipe:
-        build_parser().print_help()
+        build_parser(args.stage, args.recipe).print_help()
         return
     if args.stage is None or args.out is None:
         raise ValueError("--stage and --out are required")
+    # The recipe fields (`--learning_rate 1e-4`): the arguments this parser does not know, which `moe_vlm_cli.main`
+    # passes on in `extra_args` (`parse_known_args`); `HfArgumentParser` parses them.
     recipe = parse_recipe(
-        args.stage, args.out, from_dir=args.from_dir, recipe=args.recipe, overrides=args.overrides
+        args.stage, args.out, from_dir=args.from_dir, recipe=args.recipe, overrides=args.extra_args
     )
     out = run(recipe)
     if recipe.training.process_index == 0:
         print(f"stage {args.stage} -> {out}")
 
 
+def _cmd_init(args) -> None:
+    from .upcycle import init_model
+
+    out = init_model(args.out, preset=args.preset, mistral=args.mistral, vision=args.vision, seed=args.seed)
+    print(f"wrote an upcycled {args.preset} model to {out}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="Stage 0: upcycle a dense Mistral into the 2-expert MoE VLM and save it")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument(
+        "--mistral", default=None, help="dense Mistral path or Hub id (default: random tiny / the preset's)"
+    )
+    p.add_argument(
+        "--vision", default=None, help="open_clip NAME:TAG or a CLIP checkpoint file (default: preset's)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_init)
+
     p = sub.add_parser(
         "train",
         help="run one training stage (pretrain, 0 upcycle, 1 connector, 2 experts, 2.5 routers, 3 unified, dense)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    # Subparsers are built with the parent's parser class; this one must pass the recipe fields through.
-    p.__class__ = _PassThroughParser
     p.add_argument("--stage", choices=STAGE_CHOICES, help="the stage to run")
     p.add_argument("--out", help="output directory of this stage")
     p.add_argument(
@@ -65,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="recipe .yaml file, or `tiny` (default: configuration/recipes/<stage>.yaml) / `paper`",
     )
     p.add_argument(
-        "--help-recipe", action="store_true", help="list every recipe field that can be overridden"
+        "--help-recipe",
+        action="store_true",
+        help="list every recipe field that can be overridden (with --stage: the recipe's values as defaults)",
     )
-    p.set_defaults(func=_cmd_train, overrides=[])
+    p.set_defaults(func=_cmd_train, extra_args=[])

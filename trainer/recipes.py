@@ -4,21 +4,33 @@
 `configuration/recipes/<stage>.yaml` holds the embedded default's (tiny preset, CPU) recipes,
 `configuration/recipes/paper/<stage>.yaml` the paper-scale ones (`--recipe paper`); `--recipe FILE` reads any file,
 including the `recipe.yaml` a finished stage wrote.
+
+The recipe files are the one place a stage's settings live (what trains, how it routes, which split, the step
+counts and learning rates): the dataclasses below declare the fields, their types and help, and defaults only
+where a value means "not set" or "off". A field a stage chooses but a recipe leaves unset (`trainable`,
+`router_mode`, `train_split`; every `PretrainArguments` field) takes the embedded recipe's value.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from configuration.contract import RECIPE_FILE
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 STAGES = ("pretrain", "0", "1", "2", "2.5", "3", "dense")
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "configuration" / "recipes"
-RECIPE_FILE = "recipe.yaml"  # the resolved recipe a stage writes to its output directory
+RECIPE_DIR = files("configuration") / "recipes"  # package data, wherever the package is installed
 
 
 def recipe_stem(stage: str) -> str:
@@ -35,8 +47,8 @@ def check_stage(stage: str) -> str:
 
 @dataclass
 class StageArguments:
-    """What a stage trains on and how it routes. Unset fields (None) take the stage's defaults (the stage Trainer's
-    class attributes: the paper's protocol)."""
+    """What a stage trains on and how it routes. `trainable`, `router_mode` and `train_split`, left unset, take the
+    values of the stage's embedded recipe (`configuration/recipes/<stage>.yaml`: the paper's protocol)."""
 
     stage: str = field(default="1", metadata={"help": f"training stage, one of {', '.join(STAGES)}"})
     model_name_or_path: str | None = field(
@@ -64,7 +76,10 @@ class StageArguments:
     )
     train_split: str | None = field(
         default=None,
-        metadata={"help": "split to train on (default: `train` captions; Stage 3: `instruct` conversations)"},
+        metadata={
+            "help": "split to train on (default: the stage's embedded recipe: `train` captions; Stage 3: `instruct` "
+            "conversations)"
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N records"})
     max_length: int | None = field(default=None, metadata={"help": "truncate samples to this many tokens"})
@@ -84,11 +99,12 @@ class StageArguments:
         default=None,
         metadata={
             "help": "parameter groups to train: connector, experts, router, attention, mlp, norms, embeddings, "
-            "lm_head, vision_tower (default: the stage's)"
+            "lm_head, vision_tower (default: the stage's embedded recipe)"
         },
     )
     router_mode: str | None = field(
-        default=None, metadata={"help": "hard | gumbel | softmax | modality_aware (default: the stage's)"}
+        default=None,
+        metadata={"help": "hard | gumbel | softmax | modality_aware (default: the stage's embedded recipe)"},
     )
     keep_hard_routing: bool = field(
         default=False,
@@ -132,29 +148,58 @@ class StageArguments:
 
     def __post_init__(self):
         check_stage(self.stage)
+        embedded = embedded_recipe(self.stage)
+        for name in STAGE_CHOSEN_FIELDS:
+            if not getattr(self, name) and name in embedded:  # unset (or empty, as `x or default` treated it)
+                setattr(self, name, embedded[name])
+
+
+# The StageArguments fields each stage's recipe chooses (a stage Trainer reads them; `None` means "the recipe's").
+STAGE_CHOSEN_FIELDS = ("trainable", "router_mode", "train_split")
 
 
 @dataclass
 class PretrainArguments:
     """Pretraining of the embedded default's frozen parts: a tiny open_clip CLIP (contrastive, `ClipLoss`) and the
-    tiny dense Mistral (causal LM), both on Shapes. Other TrainingArguments are shared by the two runs."""
+    tiny dense Mistral (causal LM), both on Shapes. Other TrainingArguments are shared by the two runs. Every field
+    left unset takes the value of `configuration/recipes/pretrain.yaml`, where they all are."""
 
-    clip_max_steps: int = field(default=160, metadata={"help": "CLIP optimiser steps"})
-    clip_batch_size: int = field(
-        default=64, metadata={"help": "CLIP image-caption pairs per step and process"}
+    # HfArgumentParser lists these fields under this heading in `--help-recipe`.
+    _argument_group_name = (
+        "pretraining (None: the value in configuration/recipes/pretrain.yaml; "
+        "`--stage pretrain --help-recipe` shows them)"
     )
-    clip_learning_rate: float = field(default=1e-3, metadata={"help": "CLIP learning rate"})
-    clip_text_width: int = field(default=128, metadata={"help": "width of CLIP's text tower"})
-    clip_text_layers: int = field(default=2, metadata={"help": "blocks of CLIP's text tower"})
-    clip_text_heads: int = field(default=4, metadata={"help": "attention heads of CLIP's text tower"})
-    clip_context_length: int = field(default=32, metadata={"help": "CLIP text tokens"})
-    lm_max_steps: int = field(default=100, metadata={"help": "dense Mistral optimiser steps"})
-    lm_batch_size: int = field(default=8, metadata={"help": "packed text blocks per step and process"})
-    lm_block_size: int = field(default=128, metadata={"help": "tokens per packed text block"})
-    lm_learning_rate: float = field(default=3e-3, metadata={"help": "dense Mistral learning rate"})
-    eval_samples: int = field(
-        default=500, metadata={"help": "held-out pairs / texts for retrieval accuracy and perplexity"}
+
+    clip_max_steps: int | None = field(default=None, metadata={"help": "CLIP optimiser steps"})
+    clip_batch_size: int | None = field(
+        default=None, metadata={"help": "CLIP image-caption pairs per step and process"}
     )
+    clip_learning_rate: float | None = field(default=None, metadata={"help": "CLIP learning rate"})
+    clip_text_width: int | None = field(default=None, metadata={"help": "width of CLIP's text tower"})
+    clip_text_layers: int | None = field(default=None, metadata={"help": "blocks of CLIP's text tower"})
+    clip_text_heads: int | None = field(
+        default=None, metadata={"help": "attention heads of CLIP's text tower"}
+    )
+    clip_context_length: int | None = field(default=None, metadata={"help": "CLIP text tokens"})
+    lm_max_steps: int | None = field(default=None, metadata={"help": "dense Mistral optimiser steps"})
+    lm_batch_size: int | None = field(
+        default=None, metadata={"help": "packed text blocks per step and process"}
+    )
+    lm_block_size: int | None = field(default=None, metadata={"help": "tokens per packed text block"})
+    lm_learning_rate: float | None = field(default=None, metadata={"help": "dense Mistral learning rate"})
+    eval_samples: int | None = field(
+        default=None, metadata={"help": "held-out pairs / texts for retrieval accuracy and perplexity"}
+    )
+
+    def __post_init__(self):
+        embedded = embedded_recipe("pretrain")
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None:
+                if f.name not in embedded:
+                    raise ValueError(
+                        f"the embedded pretraining recipe {recipe_path('pretrain')} must set {f.name}"
+                    )
+                setattr(self, f.name, embedded[f.name])
 
 
 ARGUMENT_CLASSES = (StageArguments, PretrainArguments, TrainingArguments)
@@ -169,8 +214,9 @@ class Recipe(NamedTuple):
     given: dict | None = None
 
 
-def recipe_path(stage: str, recipe: str | None = None) -> Path:
-    """`recipe` is a file, or a recipe set name: `tiny` (default: configuration/recipes/) or `paper`."""
+def recipe_path(stage: str, recipe: str | None = None) -> Path | Traversable:
+    """`recipe` is a file, or a recipe set name: `tiny` (default: configuration/recipes/) or `paper` (a package
+    resource: `importlib.resources`, so installed packages find it too)."""
     if recipe is not None and Path(recipe).suffix in (".yaml", ".yml"):
         path = Path(recipe)
         if not path.is_file():
@@ -185,11 +231,12 @@ def recipe_path(stage: str, recipe: str | None = None) -> Path:
     return path
 
 
-def field_names() -> set[str]:
-    return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+def field_names(*classes: type) -> set[str]:
+    """The fields a recipe may set: of `classes` (default: all of `ARGUMENT_CLASSES`)."""
+    return {f.name for cls in classes or ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
 
 
-def load_recipe_file(path: Path) -> dict:
+def load_recipe_file(path: Path | Traversable) -> dict:
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"recipe {path} must be a mapping of field: value")
@@ -202,8 +249,22 @@ def load_recipe_file(path: Path) -> dict:
     return values
 
 
-def build_parser() -> HfArgumentParser:
-    return HfArgumentParser(ARGUMENT_CLASSES)
+@cache
+def _embedded_recipe(stage: str) -> dict:
+    return load_recipe_file(recipe_path(stage))
+
+
+def embedded_recipe(stage: str) -> dict:
+    """The embedded default's recipe of `stage` (`configuration/recipes/<stage>.yaml`), as a fresh dict."""
+    return copy.deepcopy(_embedded_recipe(stage))
+
+
+def build_parser(stage: str | None = None, recipe: str | None = None) -> HfArgumentParser:
+    """The parser of every recipe field; with `stage`, its defaults are that stage's recipe (what `--help` shows)."""
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if stage is not None:
+        parser.set_defaults(**load_recipe_file(recipe_path(stage, recipe)))
+    return parser
 
 
 def parse_recipe(
@@ -223,20 +284,14 @@ def parse_recipe(
     if from_dir is not None:
         values["model_name_or_path"] = str(from_dir)
     parser = build_parser()
-    # Each field's default as argparse returns it when the field is not given: argparse converts string defaults
-    # with the action's type, and the first action of a dest holds its default (a `--no_x` twin follows it).
-    declared = {}
-    for action in parser._actions[::-1]:
-        default = action.default
-        if isinstance(default, str) and callable(action.type):
-            default = action.type(default)
-        declared[action.dest] = default
+    # Each field's value when neither the recipe nor the command line gives it, as argparse returns it.
+    declared = vars(parser.parse_known_args(args=[])[0])
     parser.set_defaults(**values)
     raw, _ = parser.parse_known_args(args=list(overrides))
     stage_args, pretrain_args, training_args = parser.parse_args_into_dataclasses(args=list(overrides))
     if stage_args.stage != stage:
         raise ValueError(f"--stage {stage} was given, but the overrides set stage {stage_args.stage}")
-    training_fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    training_fields = field_names(TrainingArguments)
     given = {
         key: value
         for key, value in vars(raw).items()
@@ -265,12 +320,13 @@ def write_resolved_recipe(recipe: Recipe, out: Path) -> Path:
 __all__ = [
     "ARGUMENT_CLASSES",
     "RECIPE_DIR",
-    "RECIPE_FILE",
+    "STAGE_CHOSEN_FIELDS",
     "STAGES",
     "PretrainArguments",
     "Recipe",
     "StageArguments",
     "build_parser",
+    "embedded_recipe",
     "parse_recipe",
     "recipe_path",
     "recipe_stem",

@@ -5,7 +5,7 @@ so statistics travel in the model outputs, never in globals); at each logging st
 across processes and logs their averages as flat keys (`routing/layer0/image/expert0_dispatch`), which the
 `RoutingStatsCallback` also appends, nested, to `routing_stats.jsonl`.
 
-The per-layer numbers come from `analysis.load.expert_load` (the same definitions the analyses use): hard dispatch
+The per-layer numbers come from `trainer.load_stats.group_stats` (the definitions the analyses use too): hard dispatch
 fractions (share of tokens whose chosen expert is e), soft probability mass (mean router probability of e) and the
 mean per-token routing entropy (nats), for image tokens, text tokens and all tokens; padding is excluded. Averages
 over the steps since the last log are token-weighted.
@@ -17,7 +17,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from analysis.load import MODALITIES, expert_load
+from configuration.contract import LOAD_GROUPS
+
+from .load_stats import group_stats
 
 PREFIX = "routing"
 
@@ -32,7 +34,7 @@ class RoutingAccumulator:
     def __init__(self, layers: Sequence[int], num_experts: int):
         self.layers = list(layers)
         self.num_experts = num_experts
-        self.sums = torch.zeros(len(self.layers), len(MODALITIES), 2 * num_experts + 2, dtype=torch.float64)
+        self.sums = torch.zeros(len(self.layers), len(LOAD_GROUPS), 2 * num_experts + 2, dtype=torch.float64)
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -61,8 +63,8 @@ class RoutingAccumulator:
         for i, (logits, index) in enumerate(zip(router_logits, router_indices)):
             probs = logits.detach().float().softmax(dim=-1).cpu()[valid]  # (valid tokens, E)
             choices = index.detach().cpu()[valid][:, 0]  # top-1: the dispatched expert
-            report = expert_load(choices, probs, is_image, num_experts=E)
-            for m, modality in enumerate(MODALITIES):
+            report = group_stats(choices.long().numpy(), probs.double().numpy(), is_image.numpy(), E)
+            for m, modality in enumerate(LOAD_GROUPS):
                 stats = report[modality]
                 n = stats["n_tokens"]
                 if not n:
@@ -82,7 +84,7 @@ class RoutingAccumulator:
         layers = {}
         for i, layer in enumerate(self.layers):
             per_modality = {}
-            for m, modality in enumerate(MODALITIES):
+            for m, modality in enumerate(LOAD_GROUPS):
                 row = sums[i, m].tolist()
                 n = row[2 * E + 1]
                 if n > 0:

@@ -41,11 +41,10 @@ def run(recipe: Recipe, callbacks=()) -> Path:
 
 
 def run_upcycling(recipe: Recipe) -> Path:
-    """Stage 0: `configuration.init_model` on the pretrained dense Mistral and vision tower (`--from` the pretraining
+    """Stage 0: `trainer.upcycle.init_model` on the pretrained dense Mistral and vision tower (`--from` the pretraining
     output), or on `--mistral` / `--vision` (paper scale: the preset's Hub weights)."""
-    from configuration.init_model import init_model
-
     from .pretrain import CLIP_FILE, MISTRAL_DIR
+    from .upcycle import init_model
 
     args, training = recipe.stage, recipe.training
     out = Path(training.output_dir)
@@ -108,7 +107,7 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
         model = to_dense(model, args.dense_expert)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
     trainer_class = STAGE_TRAINERS[stage]
-    split = args.train_split or trainer_class.default_split
+    split = args.train_split  # the recipe's (StageArguments fills it from the embedded recipe when unset)
     with training.main_process_first(desc="training data"):
         dataset = load_split(args, split, model.config.vision_config.image_size)
     # The collator reads the raw columns (image, caption, conversations).

@@ -8,7 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from configuration.init_model import COMPLETION_MARKER
+from configuration.contract import COMPLETION_MARKER
 
 logger = logging.getLogger("moe_vlm.trainer")
 

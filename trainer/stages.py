@@ -1,8 +1,9 @@
 """One `transformers.Trainer` subclass per training stage of the paper (section 2.2).
 
-Each stage class states what it trains (parameter groups, see `freezing.py`), how it routes and which split it
-reads; constructing it configures the model accordingly (freezing, router mode, Gumbel temperature, router-loss
-coefficients), and a recipe may override each of these (`StageArguments`). The shared base overrides only
+What a stage trains (parameter groups, see `freezing.py`), how it routes and which split it reads are its recipe's
+(`configuration/recipes/<stage>.yaml`, read into `StageArguments`: one place for a stage's settings); constructing
+a stage Trainer configures the model accordingly (freezing, router mode, Gumbel temperature, router-loss
+coefficients). A stage class adds only what the recipe cannot say: its hooks. The shared base overrides only
 `compute_loss` (to request the router outputs, accumulate routing statistics and scale the loss explicitly) and
 `log` (to add the statistics, reduced across processes, as TRL adds its metrics).
 """
@@ -31,22 +32,23 @@ ROUTER_LOSS_TERMS = ("load_balancing_loss", "z_loss", "specialisation_loss")
 
 
 class MoeVlmStageTrainer(Trainer):
-    """Shared machinery of the MoE VLM stages. Subclasses set the class attributes below."""
+    """Shared machinery of the MoE VLM stages. Subclasses set `stage` and `description`."""
 
     stage: ClassVar[str]
     description: ClassVar[str]
-    default_trainable: ClassVar[tuple[str, ...]]
-    default_router_mode: ClassVar[str | None] = None  # None: the model has no router to set
-    default_split: ClassVar[str] = "train"
     # compute_loss divides by the gradient-accumulation steps itself (the router losses are per-batch means while
     # the LM loss is normalised over the whole accumulated batch), so the Trainer must not divide again.
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args=None, *, stage_args: StageArguments | None = None, **kwargs):
-        stage_args = stage_args or StageArguments(stage=self.stage)
+        stage_args = stage_args or StageArguments(stage=self.stage)  # the stage's embedded recipe fills it
+        if stage_args.stage != self.stage:
+            raise ValueError(f"{type(self).__name__} runs stage {self.stage}, not stage {stage_args.stage}")
+        if not stage_args.trainable:
+            raise ValueError(f"stage {self.stage}: the recipe names no trainable parameter group")
         self.stage_args = stage_args
         self.configure_model(model, stage_args)
-        self.trainable_groups = list(stage_args.trainable or self.default_trainable)
+        self.trainable_groups = list(stage_args.trainable)
         self.trainable_params = apply_trainable(model, self.trainable_groups)
         self.is_moe = bool(getattr(model.config, "moe_layers", None))
         self.routing = (
@@ -66,7 +68,7 @@ class MoeVlmStageTrainer(Trainer):
 
     # ----- stage configuration ----------------------------------------------------------------------------------
     def router_mode(self, stage_args: StageArguments) -> str | None:
-        return stage_args.router_mode or self.default_router_mode
+        return stage_args.router_mode  # None (the dense control): the model has no router to set
 
     def configure_model(self, model, stage_args: StageArguments) -> None:
         """Set the routing of this stage on the model's config (saved with the checkpoint)."""
@@ -152,8 +154,6 @@ class ConnectorAlignmentTrainer(MoeVlmStageTrainer):
     description = (
         "cross-modality alignment: only the connector trains (vision tower and LLM frozen), captions"
     )
-    default_trainable = ("connector",)
-    default_router_mode = "hard"  # experts are identical copies here, so routing does not matter
 
 
 class ModalityExpertsTrainer(MoeVlmStageTrainer):
@@ -161,8 +161,6 @@ class ModalityExpertsTrainer(MoeVlmStageTrainer):
     description = (
         "modality-specific experts: hard routing (image -> expert 0, text -> expert 1), experts train"
     )
-    default_trainable = ("experts",)
-    default_router_mode = "hard"
 
 
 class RouterWarmupTrainer(MoeVlmStageTrainer):
@@ -170,8 +168,6 @@ class RouterWarmupTrainer(MoeVlmStageTrainer):
     description = (
         "router warm-up (optional): only the routers train, Gumbel routing with an annealed temperature"
     )
-    default_trainable = ("router",)
-    default_router_mode = "gumbel"
 
 
 class UnifiedFinetuneTrainer(MoeVlmStageTrainer):
@@ -179,9 +175,6 @@ class UnifiedFinetuneTrainer(MoeVlmStageTrainer):
     description = (
         "unified fine-tuning: router, attention and experts train, straight-through Gumbel, instructions"
     )
-    default_trainable = ("router", "attention", "experts")
-    default_router_mode = "gumbel"
-    default_split = "instruct"
 
     def router_mode(self, stage_args: StageArguments) -> str | None:
         return "hard" if stage_args.keep_hard_routing else super().router_mode(stage_args)
@@ -190,7 +183,6 @@ class UnifiedFinetuneTrainer(MoeVlmStageTrainer):
 class DenseControlTrainer(MoeVlmStageTrainer):
     stage = "dense"
     description = "dense control: the Stage 1 model with its dense MLPs, trained on Stage 2's data and budget"
-    default_trainable = ("mlp",)
 
 
 STAGE_TRAINERS: dict[str, type[MoeVlmStageTrainer]] = {

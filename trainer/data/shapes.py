@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from configuration.contract import cache_root
+
 from .errors import logger
 
 # ----------------------------------------------------------------------------------------------------
@@ -702,11 +704,6 @@ def generate_shapes(
 MARKER = "shapes_complete.json"
 
 
-def default_cache_root() -> Path:
-    """``$MOE_VLM_CACHE`` if set, else ``~/.cache/moe_vlm``."""
-    return Path(os.environ.get("MOE_VLM_CACHE") or Path.home() / ".cache" / "moe_vlm")
-
-
 def _cache_key(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -749,7 +746,7 @@ def build_shapes(
     ``compositional_probe`` (``n_compositional`` colour pairs + ``n_compositional`` swap pairs).
     No image appears twice across all of them.
 
-    ``out_dir`` defaults to ``default_cache_root() / "shapes-<hash of the arguments>"``. The data are
+    ``out_dir`` defaults to ``configuration.contract.cache_root() / "shapes-<hash of the arguments>"``. The data are
     written to a temporary sibling, moved into place, and the completion marker is written last: a
     folder without the marker (an interrupted run) or with other arguments is regenerated. ``force``
     regenerates anyway.
@@ -768,7 +765,7 @@ def build_shapes(
         "n_compositional": n_compositional,
         "n_references": n_references,
     }
-    path = Path(out_dir) if out_dir is not None else default_cache_root() / f"shapes-{_cache_key(params)}"
+    path = Path(out_dir) if out_dir is not None else cache_root() / f"shapes-{_cache_key(params)}"
     marker = _read_marker(path)
     if not force and marker is not None and marker.get("params") == params:
         logger.info("Shapes: reusing %s", path)
@@ -810,7 +807,6 @@ __all__ = [
     "caption_templates",
     "captions",
     "conversation",
-    "default_cache_root",
     "describe",
     "generate_shapes",
     "random_scene",

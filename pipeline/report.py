@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from configuration.init_model import COMPLETION_MARKER
+from configuration.contract import (
+    ANALYSIS_FILE,
+    CAPTIONING_FILE,
+    COMPLETION_MARKER,
+    REPORT_HTML,
+    REPORT_JSON,
+)
 from trainer.freezing import group_of
 
 # The paper's numbers (Ticinovic & Han), quoted only for the comparison column.
@@ -287,10 +293,10 @@ def write_report(run_dir: str | Path, timings: dict[str, float], extra: dict | N
     analyses, captioning = {}, {}
     for name in ("stage2", "stage3", "dense"):
         folder = run_dir / "analysis" / name
-        if (folder / "analysis.json").is_file():
-            analyses[name] = json.loads((folder / "analysis.json").read_text())
-        if (folder / "captioning.json").is_file():
-            captioning[name] = json.loads((folder / "captioning.json").read_text())
+        if (folder / ANALYSIS_FILE).is_file():
+            analyses[name] = json.loads((folder / ANALYSIS_FILE).read_text())
+        if (folder / CAPTIONING_FILE).is_file():
+            captioning[name] = json.loads((folder / CAPTIONING_FILE).read_text())
     checks = invariants(run_dir, stages, analyses)
     rows = summary_rows(analyses, captioning)
     statements = comparison(rows, analyses)
@@ -303,8 +309,8 @@ def write_report(run_dir: str | Path, timings: dict[str, float], extra: dict | N
         "timings_seconds": timings,
         **(extra or {}),
     }
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (run_dir / "report.html").write_text(_html(report, run_dir))
+    (run_dir / REPORT_JSON).write_text(json.dumps(report, indent=1))
+    (run_dir / REPORT_HTML).write_text(_html(report, run_dir))
     return report
 
 

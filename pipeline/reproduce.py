@@ -16,7 +16,7 @@ import platform
 import time
 from pathlib import Path
 
-from configuration.init_model import COMPLETION_MARKER
+from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, COMPLETION_MARKER, REPORT_HTML
 
 # (name, train-stage, from) in protocol order.
 TRAINING_STEPS = (
@@ -53,8 +53,9 @@ def _train(out: Path, name: str, stage: str, source: str | None, seed: int) -> N
 
 def reproduce(out: str | Path, seed: int = 0, n_samples: int = 200, n_eval: int = 100) -> dict:
     """Run every step not yet complete under `out`, then write the report. Returns the report dict."""
+    from analysis.run import analyze, evaluate
+
     from .report import write_report
-    from .run import analyze, evaluate
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,12 +84,12 @@ def reproduce(out: str | Path, seed: int = 0, n_samples: int = 200, n_eval: int 
             lambda n=name, d=folder: analyze(
                 out / n, d, init_dir=out / "stage0", seed=seed, n_samples=n_samples
             ),
-            (folder / "analysis.json").is_file(),
+            (folder / ANALYSIS_FILE).is_file(),
         )
         timed(
             f"evaluate {name}",
             lambda n=name, d=folder: evaluate(out / n, d, seed=seed, n_samples=n_eval),
-            (folder / "captioning.json").is_file(),
+            (folder / CAPTIONING_FILE).is_file(),
         )
 
     this_run = round(time.time() - started, 1)
@@ -116,4 +117,4 @@ def _print_summary(out: Path, report: dict, timings: dict) -> None:
     for step, seconds in timings.items():
         print(f"  {step:<20} {seconds:7.1f}")
     print(f"  {'total':<20} {sum(timings.values()):7.1f}")
-    print(f"\nreport: {out / 'report.html'}")
+    print(f"\nreport: {out / REPORT_HTML}")

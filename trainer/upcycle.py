@@ -1,5 +1,5 @@
-"""`moe-vlm init`: write an upcycled, ready-to-train model directory (the paper's Stage 0; the authors' code
-calls it `create_moe_model`)."""
+"""Stage 0 (`moe-vlm init`, or `moe-vlm train --stage 0`): write an upcycled, ready-to-train model directory (the
+authors' code calls it `create_moe_model`)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ from pathlib import Path
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
+from configuration.contract import COMPLETION_MARKER
+from configuration.presets import load_preset
+from configuration.tokenizer import build_processor
 from modeling_moe_vlm import MoeVlmForCausalLM
-
-from .presets import load_preset
-from .tokenizer import build_processor
-
-COMPLETION_MARKER = "moe_vlm_stage.json"
 
 
 def load_vision_state(path: str) -> dict[str, torch.Tensor]:
