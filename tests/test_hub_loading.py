@@ -64,22 +64,15 @@ def _python_outside_repo() -> list[str]:
     return [sys.executable, "-I"]
 
 
-def load_in_fresh_process(tmp_path: Path, folder: Path, inputs: dict) -> dict:
-    """Run LOAD_SCRIPT on `folder` with `inputs` in a fresh process outside the repo (offline, project hidden) and
-    return what it recorded: logits, router indices, the classes it loaded and whether the tower is frozen."""
-    torch.save(inputs, tmp_path / "inputs.pt")
-    (tmp_path / "load.py").write_text(LOAD_SCRIPT)
+def run_hidden(tmp_path: Path, script: str, args: list, extra: list = ()) -> subprocess.CompletedProcess:
+    """Run `script` (starting with HIDE_PROJECT) in a fresh process outside the repo, offline, the project hidden:
+    `sys.argv[1:4]` are `args`, `sys.argv[4]` the repository to hide, then `extra`. Fails the test on a non-zero exit."""
+    (tmp_path / "script.py").write_text(script)
     outside = tmp_path / "elsewhere"
     outside.mkdir(exist_ok=True)
-    argv = [
-        str(tmp_path / "load.py"),
-        str(folder),
-        str(tmp_path / "inputs.pt"),
-        str(tmp_path / "out.pt"),
-        str(REPO),
-    ]
+    argv = [tmp_path / "script.py", *args, REPO, *extra]
     result = subprocess.run(
-        [*_python_outside_repo(), *argv],
+        [*_python_outside_repo(), *map(str, argv)],
         cwd=outside,
         env=_clean_env(tmp_path),
         capture_output=True,
@@ -87,6 +80,14 @@ def load_in_fresh_process(tmp_path: Path, folder: Path, inputs: dict) -> dict:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def load_in_fresh_process(tmp_path: Path, folder: Path, inputs: dict) -> dict:
+    """Run LOAD_SCRIPT on `folder` with `inputs` in a fresh process outside the repo (offline, project hidden) and
+    return what it recorded: logits, router indices, the classes it loaded and whether the tower is frozen."""
+    torch.save(inputs, tmp_path / "inputs.pt")
+    run_hidden(tmp_path, LOAD_SCRIPT, [folder, tmp_path / "inputs.pt", tmp_path / "out.pt"])
     got = torch.load(tmp_path / "out.pt")
     assert got["module"].startswith("transformers_modules.")  # really the remote copy, not this repo
     return got

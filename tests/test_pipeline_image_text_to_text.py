@@ -7,11 +7,10 @@ ids `model.generate` gives here on the same inputs."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import torch
 from conftest import tiny_config
-from test_hub_loading import HIDE_PROJECT, REPO, _clean_env, _python_outside_repo
+from test_hub_loading import HIDE_PROJECT, run_hidden
 
 from modeling_moe_vlm import MoeVlmForCausalLM
 
@@ -57,27 +56,12 @@ def test_pipeline_and_auto_class_caption_through_remote_code(tmp_path, processor
     assert expected.shape[0] == n_prompt + MAX_NEW_TOKENS
 
     red_image.save(tmp_path / "red.png")
-    (tmp_path / "pipe.py").write_text(PIPELINE_SCRIPT)
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    argv = [
-        tmp_path / "pipe.py",
-        folder,
-        tmp_path / "red.png",
-        tmp_path / "out.pt",
-        REPO,
-        PROMPT,
-        MAX_NEW_TOKENS,
-    ]
-    result = subprocess.run(
-        [*_python_outside_repo(), *map(str, argv)],
-        cwd=outside,
-        env=_clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_hidden(
+        tmp_path,
+        PIPELINE_SCRIPT,
+        [folder, tmp_path / "red.png", tmp_path / "out.pt"],
+        [PROMPT, MAX_NEW_TOKENS],
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert "is not supported for image-text-to-text" not in result.stderr  # the pipeline's model-type check
     got = torch.load(tmp_path / "out.pt")
     assert got["pipeline_class"] == "ImageTextToTextPipeline"
