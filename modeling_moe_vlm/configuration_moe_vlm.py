@@ -114,8 +114,8 @@ class MoeVlmConfig(MistralConfig):
             the dense VLM (the paper's dense control).
         router_mode (`str`): `hard` (image tokens to `modality_to_expert["image"]`, text to `["text"]`, router
             bypassed: Stage 2), `gumbel` (straight-through Gumbel-softmax top-1: Stage 3), `softmax` (plain top-k
-            softmax, Mixtral/Switch style) or `modality_aware` (the router also sees a learned modality embedding,
-            then routes like `gumbel`). Switchable on a loaded model with `model.set_router_mode(...)`.
+            softmax, Mixtral/Switch style) or `modality_aware` (a learned embedding of each token's modality, projected
+            to one term per expert, is added to the router's logits, then routed like `gumbel`). Switchable on a loaded model with `model.set_router_mode(...)`.
         gumbel_tau (`float`): Gumbel-softmax temperature.
         router_dropout (`float`): dropout on the router's input during training.
         modality_to_expert (`dict`): `{"image": 0, "text": 1}` by default (the vision expert is expert 0). Configs
