@@ -456,7 +456,11 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
         modality_mask = modality_mask.to(device=inputs_embeds.device, dtype=torch.bool)  # (batch, seq)
 
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values).pooler_output.to(inputs_embeds.dtype)
+            # only the connector's output: never the tower's hidden states or attentions, whatever the config says
+            features = self.get_image_features(
+                pixel_values, output_hidden_states=False, output_attentions=False
+            )
+            image_features = features.pooler_output.to(inputs_embeds.dtype)
             self.check_placeholders(modality_mask, image_features)
             mask = modality_mask.unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)

@@ -452,3 +452,16 @@ def test_rope_scaling_extends_the_context_past_max_position_embeddings():
         plain, longer = model(input_ids=input_ids).logits, scaled(input_ids=input_ids).logits
     assert torch.isfinite(longer).all() and longer.shape == (1, 300, 32768)
     assert (plain - longer).abs().max() > 1e-3
+
+
+def test_forward_asks_the_tower_for_its_patch_tokens_only(tiny_model, processor, red_image):
+    """The placeholder merge needs the connector's output alone: with `config.output_hidden_states` on, the decoder's
+    hidden states are returned, but the tower is not run for its own (every block, with hooks)."""
+    from unittest import mock
+
+    tower = tiny_model.model.vision_tower
+    tiny_model.config.output_hidden_states = True
+    with mock.patch.object(tower, "forward", wraps=tower.forward) as spy, torch.no_grad():
+        out = tiny_model(**_inputs(processor, red_image))
+    assert spy.call_args.kwargs == {"output_hidden_states": False, "output_attentions": False}
+    assert len(out.hidden_states) == tiny_model.config.num_hidden_layers + 1
