@@ -21,7 +21,6 @@ from pathlib import Path
 from configuration.contract import COMPLETION_MARKER, LOAD_GROUPS
 from configuration.contract import ROUTING_LOG_FILE as ROUTING_LOG
 
-MODALITIES = LOAD_GROUPS  # the groups a routing log reports: each modality and all tokens together
 VECTOR_FIELDS = ("dispatch", "prob")  # per expert
 SCALAR_FIELDS = ("entropy",)
 FORMAT = "moe-vlm routing_stats v1"
@@ -88,9 +87,9 @@ def read_routing_log(path: str | Path) -> list[dict]:
                 raise ValueError(f"{where}: layer {layer!r} must be an index mapping to per-modality stats")
             for modality, stats in per_modality.items():
                 missing = [f for f in (*VECTOR_FIELDS, *SCALAR_FIELDS) if f not in (stats or {})]
-                if modality not in MODALITIES or missing:
+                if modality not in LOAD_GROUPS or missing:
                     raise ValueError(
-                        f"{where}: layer {layer} modality {modality!r} must be one of {MODALITIES} with fields "
+                        f"{where}: layer {layer} modality {modality!r} must be one of {LOAD_GROUPS} with fields "
                         f"{VECTOR_FIELDS + SCALAR_FIELDS} (missing {missing})"
                     )
         records.append(record)
@@ -129,7 +128,7 @@ def summarise_log(records: Iterable[dict]) -> dict:
     summary = {}
     for layer in sorted(by_layer, key=int):
         summary[layer] = {}
-        for modality in (m for m in MODALITIES if m in by_layer[layer]):
+        for modality in (m for m in LOAD_GROUPS if m in by_layer[layer]):
             steps = by_layer[layer][modality]
             entries = [stats for _, stats in steps]
             summary[layer][modality] = {
@@ -187,7 +186,7 @@ def as_load_layers(layers: dict, which: str = "last", collapse_threshold: float 
             continue
         num_experts = len(next(iter(per_modality.values()))[which]["dispatch"])
         entry: dict = {"num_experts": num_experts}
-        for modality in MODALITIES:
+        for modality in LOAD_GROUPS:
             stats = per_modality.get(modality, {}).get(which)
             entry[modality] = {
                 "dispatch": stats["dispatch"] if stats else None,
