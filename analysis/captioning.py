@@ -18,13 +18,22 @@ Two properties to keep in mind when reading the numbers:
 - Java start-up dominates small calls: the PTB tokenizer costs ~0.7 s and METEOR's JVM plus paraphrase
   table ~9 s on this 2-core machine (one full call on 3 images: ~10 s). ``CaptionEvaluator`` keeps one
   METEOR process alive across calls (e.g. one per checkpoint); ``caption_metrics`` starts and stops one.
+
+Prompt formats (what the captions are generated from; ``caption_prompt``): ``raw`` is the caption prompt
+``"<image>\\n"`` Stages 1-2 and the dense control train on; ``chat`` is the Mistral ``[INST]`` conversation Stage 3
+trains on, rendered by the processor's chat template, the user asking ``"Describe the image."`` (the Shapes
+instruct data's description question). ``training_prompt_format`` reads a stage's own format from its recipe.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+from configuration.contract import COMPLETION_MARKER, RECIPE_FILE
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 JAVA_HINT = (
@@ -32,6 +41,65 @@ JAVA_HINT = (
     "install one, e.g. `apt-get install default-jre-headless`"
 )
 _MAX_LISTED_IDS = 50
+
+PROMPT_FORMATS = ("raw", "chat")
+RAW_CAPTION_PROMPT = "<image>\n"  # the caption format's prompt: <s> [IMG]... <0x0A>, then the caption
+# The Shapes instruct data's description question (trainer.data.shapes._Q_DESCRIBE[0]; a test keeps them equal).
+CHAT_CAPTION_INSTRUCTION = "Describe the image."
+
+
+def caption_prompt(processor, prompt_format: str = "raw") -> str:
+    """The text the processor turns into a captioning prompt in ``prompt_format`` (see the module doc): ``raw`` ->
+    ``"<image>\\n"``; ``chat`` -> the chat template's ``<s>[INST] <image>\\nDescribe the image. [/INST]``."""
+    if prompt_format == "raw":
+        return RAW_CAPTION_PROMPT
+    if prompt_format == "chat":
+        if getattr(processor, "chat_template", None) is None:
+            raise ValueError("prompt_format='chat' needs a processor with a chat template; this one has none")
+        conversation = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": CHAT_CAPTION_INSTRUCTION}],
+            }
+        ]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+
+
+def _trained_on_conversations(recipe: Mapping) -> bool:
+    """Whether a resolved recipe trains on conversations (the collator's instruct format): LLaVA-Instruct, or the
+    ``instruct`` split (Shapes); a recipe without a split is Stage 3's."""
+    if recipe.get("dataset") == "llava":
+        return True
+    split = recipe.get("train_split")
+    return split == "instruct" if split else str(recipe.get("stage")) == "3"
+
+
+def training_prompt_format(model_dir: str | Path, processor=None) -> str:
+    """The prompt format a model was trained to answer in: from the stage directory's ``recipe.yaml`` (conversation
+    data -> ``chat``), else its completion marker (Stage 3 -> ``chat``), else ``processor.prompt_format`` (what a
+    Hub copy carries), else ``raw``."""
+    directory = Path(model_dir)
+    recipe_path, marker_path = directory / RECIPE_FILE, directory / COMPLETION_MARKER
+    if recipe_path.is_file():
+        import yaml
+
+        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+        return "chat" if _trained_on_conversations(recipe) else "raw"
+    if marker_path.is_file():
+        return "chat" if str(json.loads(marker_path.read_text()).get("stage")) == "3" else "raw"
+    fmt = getattr(processor, "prompt_format", None)
+    return fmt if fmt in PROMPT_FORMATS else "raw"
+
+
+def evaluation_prompt_formats(training_format: str, requested: Sequence[str] | None = None) -> list[str]:
+    """The formats to caption in: ``requested`` (default: the stage's own ``training_format``), with ``raw`` always
+    first (the format every stage is compared on, and the one ``captioning.json``'s top-level keys hold)."""
+    formats = list(requested) if requested else [training_format]
+    unknown = [f for f in formats if f not in PROMPT_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown prompt format(s) {unknown}; choose from {PROMPT_FORMATS}")
+    return ["raw"] + [f for f in dict.fromkeys(formats) if f != "raw"]
 
 
 def _require_java() -> None:
@@ -236,4 +304,15 @@ def caption_metrics(
         return ev.evaluate(predictions, references, per_image=per_image)
 
 
-__all__ = ["METRICS", "CaptionEvaluator", "caption_metrics", "validate_captions"]
+__all__ = [
+    "CHAT_CAPTION_INSTRUCTION",
+    "METRICS",
+    "PROMPT_FORMATS",
+    "RAW_CAPTION_PROMPT",
+    "CaptionEvaluator",
+    "caption_metrics",
+    "caption_prompt",
+    "evaluation_prompt_formats",
+    "training_prompt_format",
+    "validate_captions",
+]

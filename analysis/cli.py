@@ -30,17 +30,27 @@ def _cmd_analyze(args) -> None:
 def _cmd_evaluate(args) -> None:
     from .run import evaluate
 
-    result = evaluate(args.model, args.out, data_dir=args.data, seed=args.seed, n_samples=args.n_samples)
-    metrics = result["metrics"]
+    result = evaluate(
+        args.model,
+        args.out,
+        data_dir=args.data,
+        seed=args.seed,
+        n_samples=args.n_samples,
+        prompt_formats=args.prompt_format,
+    )
     keys = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-    shown = ", ".join(f"{k}={metrics[k]:.3f}" for k in keys if metrics.get(k) is not None)
-    print(f"captioning.json -> {args.out}: {shown}")
+    print(f"captioning.json -> {args.out} (trained on the {result['training_prompt_format']} prompt format)")
+    for fmt, entry in result["by_prompt_format"].items():
+        metrics = entry["metrics"]
+        shown = ", ".join(f"{k}={metrics[k]:.3f}" for k in keys if metrics.get(k) is not None)
+        print(f"  {fmt}: {shown}")
 
 
 def _cmd_route(args) -> None:
     from PIL import Image
     from transformers import AutoModelForCausalLM, AutoProcessor
 
+    from .captioning import training_prompt_format
     from .routing import format_routing, route_sample
 
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
@@ -53,10 +63,14 @@ def _cmd_route(args) -> None:
     else:
         image = example_image(model.config.vision_config.image_size)
     text = args.text if "<image>" in args.text else "<image>\n" + args.text
-    routing = route_sample(model, processor, image, text)
+    # auto: the model's own training format (a stage directory's recipe, else the processor's prompt_format)
+    prompt_format = (
+        training_prompt_format(args.model, processor) if args.prompt_format == "auto" else args.prompt_format
+    )
+    routing = route_sample(model, processor, image, text, prompt_format=prompt_format)
     n_image = sum(routing["is_image"])
     print(
-        f"router_mode={model.config.router_mode}  ({n_image} image tokens, "
+        f"router_mode={model.config.router_mode}  prompt_format={prompt_format}  ({n_image} image tokens, "
         f"{len(routing['is_image']) - n_image} text tokens)"
     )
     print(format_routing(routing))
@@ -86,6 +100,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data", default=None, help="a saved DatasetDict (default: the Shapes world)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--n-samples", type=int, default=200 if name == "analyze" else 100)
+        if name == "evaluate":
+            p.add_argument(
+                "--prompt-format",
+                nargs="+",
+                choices=["raw", "chat"],
+                default=None,
+                help="caption prompt format(s): raw (<image>\\n) and/or chat (the [INST] template); default: the "
+                "stage's own training format from its recipe, plus raw always",
+            )
         if name == "analyze":
             p.add_argument("--init", default=None, help="Stage-0 dir: measure expert weight distance from it")
             p.add_argument(
@@ -101,4 +124,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--text", default="<image>\nA red circle.", help="text; '<image>' marks where the image goes"
     )
     p.add_argument("--router-mode", default=None, choices=["hard", "gumbel", "softmax", "modality_aware"])
+    p.add_argument(
+        "--prompt-format",
+        default="auto",
+        choices=["auto", "raw", "chat"],
+        help="raw: the text as it is; chat: the text as the user's turn of the chat template (Stage 3's format); "
+        "auto (default): the model's training format (its recipe.yaml, else the processor's prompt_format)",
+    )
     p.set_defaults(func=_cmd_route)

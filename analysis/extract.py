@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .captioning import caption_prompt
+
 
 def _batches(records: Sequence, batch_size: int, desc: str):
     for start in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
@@ -27,7 +29,7 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def probe_states(model, processor, records: Sequence, batch_size: int = 16, desc: str = "probe") -> dict:
     """Per record, the hidden state mean-pooled over its image tokens (the image alone, `<image>`) and over its
-    caption tokens (the caption alone, BOS excluded), at every layer, in one pass per batch of images + captions.
+    caption tokens (the caption alone; BOS and padding excluded wherever they sit), at every layer, in one pass per batch of images + captions.
 
     Returns `{"visual": (L+1, M, D), "textual": (L+1, M, D)}` float32 numpy, index 0 = the input embeddings and
     index i + 1 = the output of decoder layer i (the last one after the final norm, transformers' convention).
@@ -43,12 +45,26 @@ def probe_states(model, processor, records: Sequence, batch_size: int = 16, desc
         )  # no full-vocabulary logits: 4x faster
         hidden = torch.stack(out.hidden_states).float()  # (L+1, 2b, T, D)
         image_mask = inputs["input_ids"] == model.config.image_token_id  # (2b, T)
-        text_mask = inputs["attention_mask"].bool() & ~image_mask
-        text_mask[:, 0] = False  # BOS carries no concept
+        text_mask = caption_token_mask(
+            inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id, processor.tokenizer
+        )
         b = len(batch)
         visual.append(_masked_mean(hidden[:, :b], image_mask[:b]).cpu())
         textual.append(_masked_mean(hidden[:, b:], text_mask[b:]).cpu())
     return {"visual": torch.cat(visual, 1).numpy(), "textual": torch.cat(textual, 1).numpy()}
+
+
+def caption_token_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, tokenizer
+) -> torch.Tensor:
+    """(B, T) bool: the caption's own tokens, i.e. neither padding, nor image placeholders, nor BOS / EOS. BOS is
+    found by its id, wherever it sits: with left padding it is mid-row, not in column 0."""
+    specials = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None]
+    return (
+        attention_mask.bool()
+        & (input_ids != image_token_id)
+        & ~torch.isin(input_ids, torch.tensor(specials, dtype=input_ids.dtype, device=input_ids.device))
+    )
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -176,11 +192,17 @@ def generate_captions(
     model,
     processor,
     records: Sequence,
-    prompt: str = "<image>\n",
+    prompt: str | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 16,
+    prompt_format: str = "raw",
 ) -> dict[str, str]:
-    """Greedy captions for `records` (batched, left-padded so every prompt ends where generation starts)."""
+    """Greedy captions for `records` (batched, left-padded so every prompt ends where generation starts).
+
+    `prompt_format`: `raw` (the caption prompt `<image>\\n`, the default) or `chat` (the chat template asking to
+    describe the image, the format Stage 3 trains on); see `analysis.captioning.caption_prompt`. `prompt`, when
+    given, is used as it is instead (one `<image>` marker)."""
+    prompt = caption_prompt(processor, prompt_format) if prompt is None else prompt
     device = _device(model)
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side

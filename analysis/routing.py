@@ -2,6 +2,9 @@
 
 The router outputs travel in the model's output dataclass (`router_logits`, `router_indices`, `modality_mask`);
 this module only reads them, so the CLI, the analyses and the Space see exactly what the model recorded.
+
+The text goes in as it is (`raw`, the caption format) or as the user's turn of the processor's chat template
+(`chat`, the `[INST]` format an instruction-tuned Stage 3 model was trained on); see `build_prompt`.
 """
 
 from __future__ import annotations
@@ -9,14 +12,29 @@ from __future__ import annotations
 import torch
 
 
+def build_prompt(processor, text: str, prompt_format: str = "raw") -> str:
+    """The model's text for a person's `text` (with its `<image>` marker): `raw` -> `text` as it is; `chat` -> `text`
+    as the user's turn of the processor's chat template, ending where the answer starts (`... [/INST]`)."""
+    if prompt_format == "raw":
+        return text
+    if prompt_format == "chat":
+        if getattr(processor, "chat_template", None) is None:
+            raise ValueError("prompt_format 'chat' needs a processor with a chat template; this one has none")
+        return processor.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    raise ValueError(f"prompt_format must be 'raw' or 'chat', got {prompt_format!r}")
+
+
 @torch.no_grad()
-def route_sample(model, processor, image, text: str) -> dict:
+def route_sample(model, processor, image, text: str, prompt_format: str = "raw") -> dict:
     """Per-MoE-layer routing of one sample: for each layer, the tokens of each modality dispatched to each
     expert, the mean router probability of each expert, and the per-token choices.
 
-    Returns `{"tokens": [str], "is_image": [bool], "layers": {layer_idx: {"choice": [int], "prob": [[float]],
-    "counts": {"image": [n_e...], "text": [n_e...]}}}}`.
+    `prompt_format`: `raw` or `chat` (see `build_prompt`).
+
+    Returns `{"tokens": [str], "is_image": [bool], "prompt_format": str, "layers": {layer_idx: {"choice": [int],
+    "prob": [[float]], "counts": {"image": [n_e...], "text": [n_e...]}}}}`.
     """
+    text = build_prompt(processor, text, prompt_format)
     inputs = processor(images=[image] if image is not None else None, text=[text], return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model(**inputs, output_router_logits=True)
@@ -35,7 +53,7 @@ def route_sample(model, processor, image, text: str) -> dict:
             },
         }
     tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
-    return {"tokens": tokens, "is_image": is_image.tolist(), "layers": layers}
+    return {"tokens": tokens, "is_image": is_image.tolist(), "prompt_format": prompt_format, "layers": layers}
 
 
 def format_routing(routing: dict) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, CLIPImageProcessor, LlamaTokenizer
 
 from modeling_moe_vlm import MoeVlmConfig, MoeVlmProcessor
+from modeling_moe_vlm.processing_moe_vlm import MOE_VLM_CHAT_TEMPLATE
 
 from .contract import cache_root
 
@@ -53,8 +54,10 @@ def mistral_tokenizer(path: str | None = None):
     return tokenizer
 
 
-def build_processor(config: MoeVlmConfig, tokenizer=None) -> MoeVlmProcessor:
-    """A processor matching `config`'s vision tower (resolution, normalisation) and placeholder count."""
+def build_processor(config: MoeVlmConfig, tokenizer=None, prompt_format: str = "raw") -> MoeVlmProcessor:
+    """A processor matching `config`'s vision tower (resolution, normalisation) and placeholder count, carrying the
+    Mistral `[INST]` chat template Stage 3 trains on (saved as `chat_template.jinja`). `prompt_format`: what the
+    model answers in (`"raw"` caption prompts; `"chat"` once instruction-tuned), saved with the processor."""
     if config.vision_config is None:
         raise ValueError("this config has no vision_config; a text-only model needs only the tokenizer")
     vision = config.vision_config
@@ -71,4 +74,6 @@ def build_processor(config: MoeVlmConfig, tokenizer=None) -> MoeVlmProcessor:
         image_processor=image_processor,
         tokenizer=tokenizer or mistral_tokenizer(),
         num_image_tokens=config.num_image_tokens,
+        chat_template=MOE_VLM_CHAT_TEMPLATE,
+        prompt_format=prompt_format,
     )

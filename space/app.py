@@ -6,6 +6,10 @@ split by modality, and the text tokens coloured by expert at a chosen layer. The
 the same input under `hard` (image → expert 0, text → expert 1), `gumbel`, `softmax`, or the model's own routing
 `inverted` (every token sent to the other expert: the crossover test).
 
+The prompt reaches the model in the format it was trained on: an instruction-tuned (Stage 3) model gets it as the
+user's turn of the processor's chat template (`<s>[INST] <image>\\nprompt [/INST]`), other stages get it as it is
+(`model_source.choose_prompt_format` says how the choice is made; `PROMPT_FORMAT=raw|chat` overrides it).
+
 Runs as a Hub Space as it is (`python app.py`; only `requirements.txt` is installed there, so nothing here imports
 the project's other packages) and from the repository as `moe-vlm demo`. The model comes from `MODEL_ID` (a Hub id
 or a local directory); see `model_source.py` for the defaults.
@@ -29,12 +33,12 @@ from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: E402
 if __package__:  # imported as `space.app`: the repository, `moe-vlm demo`, the tests
     from . import routing_view as view
     from .input_checks import InputError, check_prompt, load_image
-    from .model_source import ModelChoice, choose_model
+    from .model_source import ModelChoice, choose_model, choose_prompt_format
     from .shapes_examples import example_inputs
 else:  # run as a script: a Hub Space runs `python app.py` inside this folder
     import routing_view as view
     from input_checks import InputError, check_prompt, load_image
-    from model_source import ModelChoice, choose_model
+    from model_source import ModelChoice, choose_model, choose_prompt_format
     from shapes_examples import example_inputs
 
 MAX_NEW_TOKENS = 20
@@ -62,7 +66,16 @@ class RoutingDemo:
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.native_mode = self.model.config.router_mode
+        self.prompt_format, self.prompt_format_reason = choose_prompt_format(choice, self.processor)
         self.lock = threading.Lock()
+
+    def model_text(self, text: str) -> str:
+        """The person's `text` (with its `<image>` marker) in the model's prompt format: as it is (`raw`), or as the
+        user's turn of the chat template, ending where the answer starts (`chat`)."""
+        if self.prompt_format == "chat":
+            conversation = [{"role": "user", "content": text}]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return text
 
     @property
     def modes(self) -> list[str]:
@@ -82,7 +95,7 @@ class RoutingDemo:
     def run(self, image: Image.Image, text: str, mode: str) -> tuple[str, dict]:
         """Answer `text` about `image` under routing `mode`; returns `(answer, routing)` (see `routing_view`)."""
         try:
-            inputs = self.processor(images=[image], text=[text], return_tensors="pt")
+            inputs = self.processor(images=[image], text=[self.model_text(text)], return_tensors="pt")
         except ValueError as error:  # the processor's own checks (e.g. a literal '[IMG]' in the prompt)
             raise InputError(str(error)) from None
         limit = self.model.config.max_position_embeddings - MAX_NEW_TOKENS
@@ -175,7 +188,8 @@ def build_demo(model_id_or_path: str | None = None) -> gr.Blocks:
             "MoE layer shows the expert each image, prompt and answer token went to. Switch the routing mode to "
             "see the same input under each. The page opens on the first example, already run.\n\n"
             f"{demo_model.choice.describe()} — MoE layers {moe_layers}, {config.num_experts} experts, "
-            f"trained routing mode `{demo_model.native_mode}`."
+            f"trained routing mode `{demo_model.native_mode}`; prompts in the `{demo_model.prompt_format}` format "
+            f"({demo_model.prompt_format_reason})."
         )
         with gr.Row():
             with gr.Column(scale=1):

@@ -25,6 +25,9 @@ REPRODUCE_DIR = Path(__file__).resolve().parent.parent / "runs" / "reproduce"
 # Most-trained first: the routing a visitor should see is the one the full protocol produced.
 STAGE_PREFERENCE = ("3", "2.5", "2", "1", "0")
 UNTRAINED_STAGES = ("0",)  # Stage 0 is upcycling: experts are copies, routers are fresh
+INSTRUCTION_STAGES = ("3",)  # trained on [INST] conversations: prompts go through the chat template
+PROMPT_FORMATS = ("raw", "chat")
+PROMPT_FORMAT_ENV = "PROMPT_FORMAT"  # set to raw or chat to override the choice below
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,31 @@ class ModelChoice:
                 " a trained model."
             )
         return "Model: " + where
+
+
+def choose_prompt_format(choice: ModelChoice, processor) -> tuple[str, str]:
+    """`(format, why)`: how the Space turns a person's prompt into the model's text. `chat` (the processor's chat
+    template, `<s>[INST] ... [/INST]`) for an instruction-tuned model, `raw` (the text as it is) otherwise.
+
+    In order: `$PROMPT_FORMAT`; a local stage directory's completion marker (Stage 3 -> chat, other stages -> raw);
+    the processor's saved `prompt_format` (what a Hub copy carries); `raw`. `chat` needs a chat template: without
+    one the Space falls back to `raw` and says so.
+    """
+    requested = os.environ.get(PROMPT_FORMAT_ENV, "").strip().lower()
+    if requested:
+        if requested not in PROMPT_FORMATS:
+            raise ValueError(f"{PROMPT_FORMAT_ENV}={requested!r}: choose one of {', '.join(PROMPT_FORMATS)}")
+        fmt, why = requested, f"${PROMPT_FORMAT_ENV}"
+    elif choice.stage is not None:
+        stage = str(choice.stage.get("stage"))
+        fmt, why = ("chat" if stage in INSTRUCTION_STAGES else "raw"), f"Stage {stage}'s training format"
+    elif getattr(processor, "prompt_format", None) in PROMPT_FORMATS:
+        fmt, why = processor.prompt_format, "the processor's prompt_format"
+    else:
+        fmt, why = "raw", "no stage marker or prompt_format: the caption format"
+    if fmt == "chat" and getattr(processor, "chat_template", None) is None:
+        return "raw", "the processor has no chat template"
+    return fmt, why
 
 
 def read_marker(directory: Path) -> dict | None:
@@ -154,4 +182,4 @@ def choose_model(model_id_or_path: str | None = None) -> ModelChoice:
     return build_untrained_model()
 
 
-__all__ = ["ModelChoice", "choose_model", "find_reproduced_model", "model_from_card"]
+__all__ = ["ModelChoice", "choose_model", "choose_prompt_format", "find_reproduced_model", "model_from_card"]

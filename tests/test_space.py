@@ -213,6 +213,40 @@ def test_routing_demo_modes_reach_the_model_and_are_reset(model_dir, red_image):
         demo.run(red_image, "<image>\n[IMG] sneaky", "hard")
 
 
+def test_prompt_format_follows_the_stage_and_reaches_the_model_as_the_collator_builds_it(
+    model_dir, red_image, monkeypatch
+):
+    from space.app import RoutingDemo
+    from trainer.data import MoeVlmCollator
+
+    demo = RoutingDemo(model_source.choose_model(str(model_dir)))
+    assert (demo.prompt_format, demo.prompt_format_reason) == ("chat", "Stage 3's training format")
+    text = "<image>\nWhat colour is the circle?"
+    ids = demo.processor(images=[red_image], text=[demo.model_text(text)])["input_ids"][0].tolist()
+    record = {"image": red_image, "conversations": [{"from": "human", "value": text}]}
+    assert ids == MoeVlmCollator(demo.processor).prompt_ids(record)[0]  # one format: what Stage 3 trained on
+    _, routing = demo.run(red_image, text, "hard")
+    assert (
+        routing["tokens"][:2] == ["<s>", "[INST]"] and routing["tokens"][routing["n_prompt"] - 1] == "[/INST]"
+    )
+
+    processor = demo.processor
+    stage2 = model_source.ModelChoice("dir", "test", {"stage": "2"})
+    hub = model_source.ModelChoice("user/model", "Hub")
+    assert model_source.choose_prompt_format(stage2, processor)[0] == "raw"
+    assert model_source.choose_prompt_format(hub, processor) == ("raw", "the processor's prompt_format")
+    monkeypatch.setattr(processor, "prompt_format", "chat")
+    assert model_source.choose_prompt_format(hub, processor)[0] == "chat"  # what a Hub Stage-3 copy carries
+    monkeypatch.setenv("PROMPT_FORMAT", "raw")
+    assert model_source.choose_prompt_format(model_source.choose_model(str(model_dir)), processor)[0] == "raw"
+    monkeypatch.setenv("PROMPT_FORMAT", "instruct")
+    with pytest.raises(ValueError, match="PROMPT_FORMAT"):
+        model_source.choose_prompt_format(hub, processor)
+    monkeypatch.delenv("PROMPT_FORMAT")
+    monkeypatch.setattr(processor, "chat_template", None)
+    assert model_source.choose_prompt_format(hub, processor) == ("raw", "the processor has no chat template")
+
+
 # ----- input checks -----------------------------------------------------------------------------------------------------
 def test_load_image_refuses_what_is_not_a_usable_image(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="No image"):
@@ -325,7 +359,9 @@ def test_client_runs_the_endpoint_and_gets_every_view(server):
     text = [(item["token"], item["class_or_confidence"]) for item in tokens]
     assert "Describe the image." in "".join(token for token, _ in text)
     assert {label for _, label in text if label} == {"expert 1"}  # hard routing: every text token -> expert 1
-    assert text[1] == ("[image: 16 tokens; 16 → e0, 0 → e1] ", None)
+    # A Stage-3 model gets the chat template: <s> [INST] <image> ... [/INST], then its answer.
+    assert [token for token, _ in text[:2]] == ["<s>", "[INST]"] and "[/INST]" in [token for token, _ in text]
+    assert text[2] == ("[image: 16 tokens; 16 → e0, 0 → e1] ", None)
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,10 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
     split = args.train_split  # the recipe's (StageArguments fills it from the embedded recipe when unset)
     with training.main_process_first(desc="training data"):
         dataset = load_split(args, split, model.config.vision_config.image_size)
+    if split == "instruct" or args.dataset == "llava":
+        # Instruction-tuned from here on: the saved processor says so, which is all a Hub copy (and the Space
+        # hosted on the Hub) can see of how to prompt this model.
+        processor.prompt_format = "chat"
     # The collator reads the raw columns (image, caption, conversations).
     training.remove_unused_columns = False
 

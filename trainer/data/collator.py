@@ -1,8 +1,11 @@
 """The collator for every training stage: caption records (Stages 1–2) and conversations (Stage 3).
 
-Each text piece is tokenised on its own, without special tokens, and the ids are concatenated with the
-special ids added by hand (BOS, EOS, ``[INST]``, ``[/INST]``, the image placeholders). Label boundaries are
-therefore exact and do not depend on tokenizer flags (``add_bos_token``...) or offset mappings.
+Caption records are built by hand: the caption is tokenised on its own and the special ids (BOS, EOS, the
+image placeholders) are added around it. Conversations go through the processor's chat template (the one
+source of the ``[INST]`` format: inference renders the same template) with
+``processor.apply_chat_template(..., return_assistant_tokens_mask=True)``; the processor tokenises each text
+piece on its own, so both formats give the same ids as piecewise encoding (tests/test_chat_template.py pins
+them token for token), and the template's ``{% generation %}`` spans give the labels.
 
 Formats (``<image>`` expands to ``processor.num_image_tokens`` × ``[IMG]``)::
 
@@ -38,6 +41,7 @@ class EncodedSample:
     input_ids: list[int]
     labels: list[int]
     images: list
+    pixel_values: torch.Tensor | None = None  # (n_images, 3, H, W) when the processor already made them
 
 
 def _record_id(record: Mapping, index: int) -> str:
@@ -74,6 +78,7 @@ class MoeVlmCollator:
         self.image_marker = getattr(processor, "image_marker", "<image>")
         self.inst_id, self.inst_end_id = tok.convert_tokens_to_ids(["[INST]", "[/INST]"])
         self.special_ids = {self.bos_id, self.eos_id, self.inst_id, self.inst_end_id, self.image_token_id}
+        self.special_tokens = tuple(t for t in tok.convert_ids_to_tokens(sorted(self.special_ids)) if t)
         newline = tok.convert_tokens_to_ids("<0x0A>")
         self.newline_ids = [newline] if newline not in (None, tok.unk_token_id) else self._encode("\n", None)
 
@@ -91,22 +96,26 @@ class MoeVlmCollator:
             )
         return ids
 
+    def _check_text(self, text: str, record_id: str) -> None:
+        """Refuse special tokens typed into a turn (the tokenizer matches added tokens as exact substrings, so this
+        is the id check of ``_encode`` without encoding the text twice)."""
+        forged = sorted({t for t in self.special_tokens if t in text})
+        if forged:
+            raise DataError(
+                record_id, f"special token in text: {forged} in {text!r}; remove it from the record"
+            )
+
     def _image_ids(self) -> list[int]:
         return [self.image_token_id] * self.num_image_tokens
 
-    def _human_ids(self, text: str, record_id: str) -> list[int]:
-        """Ids of a human turn with each ``<image>`` marker expanded to the image placeholders."""
-        parts = text.split(self.image_marker)
-        ids: list[int] = []
-        for i, part in enumerate(parts):
-            if i > 0:
-                ids += self._image_ids()
-                if part.startswith("\n"):
-                    ids += self.newline_ids
-                    part = part[1:]
-            if part.strip():
-                ids += self._encode(part, record_id)
-        return ids
+    def _messages(self, turns: Sequence[Mapping], rid: str) -> list[dict]:
+        """LLaVA turns (``from``/``value``) as chat-template messages (``role``/``content``, markers kept)."""
+        messages = []
+        for turn in turns:
+            self._check_text(turn["value"], rid)
+            role = "user" if turn["from"] in HUMAN_ROLES else "assistant"
+            messages.append({"role": role, "content": turn["value"].strip()})
+        return messages
 
     def _caption(self, record: Mapping, rid: str, has_image: bool) -> tuple[list[int], list[int]]:
         caption = record.get("caption")
@@ -120,21 +129,22 @@ class MoeVlmCollator:
         answer = self._encode(caption.strip(), rid) + [self.eos_id]
         return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
-    def _conversation(self, record: Mapping, rid: str, n_images: int, for_generation: bool = False):
+    def _conversation(self, record: Mapping, rid: str, images: list):
+        """Ids, labels (the assistant tokens the template's generation spans cover: each answer and its EOS) and
+        pixel values (N, 3, H, W) of a conversation, through the processor's chat template."""
         turns = record.get("conversations")
-        check_conversation(turns, n_images, rid, self.image_marker, needs_answer=not for_generation)
-        ids, labels = [self.bos_id], [IGNORE_INDEX]
-        for turn in turns:
-            if turn["from"] in HUMAN_ROLES:
-                human = self._human_ids(turn["value"].strip(), rid)
-                piece = [self.inst_id] + human + [self.inst_end_id]
-                ids += piece
-                labels += [IGNORE_INDEX] * len(piece)
-            else:
-                answer = self._encode(turn["value"].strip(), rid) + [self.eos_id]
-                ids += answer
-                labels += answer
-        return ids, labels
+        check_conversation(turns, len(images), rid, self.image_marker)
+        out = self.processor.apply_chat_template(
+            self._messages(turns, rid),
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors="pt",
+            processor_kwargs={"images": images} if images else None,
+        )
+        ids = out["input_ids"][0]  # (T,)
+        labels = torch.where(out["assistant_masks"][0].bool(), ids, IGNORE_INDEX)  # (T,)
+        return ids.tolist(), labels.tolist(), out.get("pixel_values")
 
     def _images(self, record: Mapping, rid: str) -> list:
         image = record.get("image")
@@ -147,8 +157,9 @@ class MoeVlmCollator:
         """Ids and labels for one record (no padding, truncated to ``max_length``)."""
         rid = _record_id(record, index)
         images = self._images(record, rid)
+        pixel_values = None
         if record.get("conversations") is not None:
-            ids, labels = self._conversation(record, rid, len(images))
+            ids, labels, pixel_values = self._conversation(record, rid, images)
         elif "caption" in record:
             if len(images) > 1:
                 raise DataError(
@@ -158,7 +169,7 @@ class MoeVlmCollator:
         else:
             raise DataError(rid, "unknown schema: a record needs 'caption' or 'conversations'")
         ids, labels = self._truncate(ids, labels, rid)
-        return EncodedSample(rid, ids, labels, images)
+        return EncodedSample(rid, ids, labels, images, pixel_values)
 
     def _truncate(self, ids: list[int], labels: list[int], rid: str) -> tuple[list[int], list[int]]:
         if self.max_length is None or len(ids) <= self.max_length:
@@ -204,10 +215,21 @@ class MoeVlmCollator:
             "labels": labels,
             "modality_mask": input_ids == self.image_token_id,  # (B, T) bool
         }
-        images = [im for s in samples for im in s.images]
-        if images:
-            out["pixel_values"] = self._pixel_values(images)  # (N_images, 3, H, W)
+        if any(s.images for s in samples):
+            out["pixel_values"] = self._batch_pixel_values(samples)  # (N_images, 3, H, W)
         return out
+
+    def _batch_pixel_values(self, samples: Sequence[EncodedSample]) -> torch.Tensor:
+        """Every sample's images in record order; the pixel values the chat template call already made are
+        reused, the rest (caption records) are processed in one call."""
+        missing = [im for s in samples if s.pixel_values is None for im in s.images]
+        fresh = iter(self._pixel_values(missing)) if missing else iter(())
+        per_sample = [
+            s.pixel_values if s.pixel_values is not None else torch.stack([next(fresh) for _ in s.images])
+            for s in samples
+            if s.images
+        ]
+        return torch.cat(per_sample)  # (N_images, 3, H, W)
 
     # --------------------------------------------------------------------------------------- generation
 
@@ -215,8 +237,8 @@ class MoeVlmCollator:
         """The prompt the model continues at inference, in exactly the training format.
 
         Caption record: ``<s> <image> \\n`` (its caption, if any, is ignored). Instruct record: the
-        conversation up to and including the last human turn, then ``[/INST]``; a trailing answer is
-        dropped. Returns (ids, RGB images).
+        conversation up to and including the last human turn, then ``[/INST]``, rendered by the chat
+        template with ``add_generation_prompt``; a trailing answer is dropped. Returns (ids, RGB images).
         """
         rid = _record_id(record, index)
         images = self._images(record, rid)
@@ -224,7 +246,9 @@ class MoeVlmCollator:
             turns = list(record["conversations"])
             if turns and turns[-1].get("from") in GPT_ROLES:
                 turns = turns[:-1]
-            ids, _ = self._conversation({"conversations": turns}, rid, len(images), for_generation=True)
+            check_conversation(turns, len(images), rid, self.image_marker, needs_answer=False)
+            text = self.processor.apply_chat_template(self._messages(turns, rid), add_generation_prompt=True)
+            ids = self.processor.encode(text)  # the rendered text starts with BOS: none is added
         else:
             ids = [self.bos_id] + (self._image_ids() + self.newline_ids if images else [])
         return ids, images
