@@ -5,9 +5,12 @@ boundary); outputs are numpy arrays or JSON-serialisable dicts. The model-runnin
 hidden states and router outputs) lives elsewhere and calls these.
 
 - ``similarity``: concept-modality matrices (paper 2.3): ``concept_matrix``, ``concept_matrices``,
-  ``pool_concepts``, ``group_concepts``, ``masked_mean``
+  ``pool_concepts``, ``group_concepts``, ``masked_mean``; how much of a matrix is row/column offset:
+  ``offset_decomposition``
 - ``stats``: is the diagonal real? ``binomial_diagonal_test`` (the paper's), ``permutation_test``,
-  ``bootstrap_ci``
+  ``bootstrap_ci``, all three on one matrix variant: ``diagonal_tests``; ``proportion_test`` (a share
+  against chance, Wilson interval), ``silhouette_interval``
+- ``grounding``: do captions name the right shape and colour? ``score_caption``, ``grounding_accuracy``
 - ``load``: expert load, routing entropy, collapse, purity per layer: ``expert_load``, ``load_report``
 - ``tsne``: ``tsne_embed``, ``silhouettes``
 - ``compositional``: colour x object binding: ``compositional_matrix``, ``binding_score``
@@ -29,11 +32,13 @@ from typing import Any
 
 _EXPORTS = {
     "similarity": [
+        "MATRIX_VARIANTS",
         "concept_matrices",
         "concept_matrix",
         "cosine_matrix",
         "group_concepts",
         "masked_mean",
+        "offset_decomposition",
         "pool_concepts",
     ],
     "stats": [
@@ -42,13 +47,35 @@ _EXPORTS = {
         "bootstrap_ci",
         "diagonal_hits",
         "diagonal_margins",
+        "diagonal_tests",
         "permutation_test",
+        "proportion_test",
+        "silhouette_interval",
+    ],
+    "grounding": [
+        "caption_grounding",
+        "grounding_accuracy",
+        "grounding_records",
+        "mentioned",
+        "score_caption",
+        "shapes_vocabulary",
     ],
     "load": ["LOAD_GROUPS", "PAPER_MODALITY_TO_EXPERT", "expert_load", "load_report"],
     "tsne": ["auto_perplexity", "silhouettes", "tsne_embed"],
     "compositional": ["binding_score", "compositional_matrix", "parse_compound"],
     "cka": ["expert_cka_matrix", "linear_cka", "weight_distance"],
-    "captioning": ["METRICS", "CaptionEvaluator", "caption_metrics", "validate_captions"],
+    "captioning": [
+        "CHAT_CAPTION_INSTRUCTION",
+        "METRICS",
+        "PROMPT_FORMATS",
+        "RAW_CAPTION_PROMPT",
+        "CaptionEvaluator",
+        "caption_metrics",
+        "caption_prompt",
+        "evaluation_prompt_formats",
+        "training_prompt_format",
+        "validate_captions",
+    ],
     "figures": ["plot_compositional_matrix", "plot_expert_load", "plot_similarity_matrix", "plot_tsne"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -17,7 +17,13 @@ import torch
 from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE
 
 from . import figures
-from .captioning import caption_metrics
+from .captioning import (
+    CaptionEvaluator,
+    caption_metrics,
+    caption_prompt,
+    evaluation_prompt_formats,
+    training_prompt_format,
+)
 from .cka import linear_cka, weight_distance
 from .compositional import binding_score, compositional_matrix
 from .extract import (
@@ -29,9 +35,10 @@ from .extract import (
     probe_states,
     routing_arrays,
 )
+from .grounding import caption_grounding
 from .load import load_report
-from .similarity import concept_matrices, group_concepts
-from .stats import binomial_diagonal_test, bootstrap_ci, permutation_test
+from .similarity import MATRIX_VARIANTS, group_concepts
+from .stats import diagonal_tests, silhouette_interval
 from .tsne import silhouettes, tsne_embed
 
 
@@ -83,19 +90,26 @@ def _jsonable(value):
 
 def concept_analysis(
     states: dict, labels: np.ndarray, names: list[str], layers: list[int], seed: int, n_perm: int
-):
-    """Concept-modality matrices and the three tests of the diagonal, per layer."""
-    out = {}
+) -> dict:
+    """Both concept-modality matrices (``raw``, the paper's; ``centred``, each modality's mean over concepts
+    removed) and the three tests of each diagonal (binomial with null 1/C, permutation, bootstrap), per layer.
+
+    Returns {variant: {layer: ``stats.diagonal_tests`` dict}} for every variant of ``MATRIX_VARIANTS``.
+    """
+    out = {variant: {} for variant in MATRIX_VARIANTS}
     for layer in layers:
         visual = group_concepts(states["visual"][layer + 1], labels, len(names))  # (C, N, D)
         textual = group_concepts(states["textual"][layer + 1], labels, len(names))
-        matrix = concept_matrices(visual.mean(1)[None], textual.mean(1)[None])[0]  # (C, C)
-        out[layer] = {
-            "matrix": matrix,
-            "binomial": binomial_diagonal_test(matrix),
-            "permutation": permutation_test(visual, textual, n_permutations=n_perm, seed=seed),
-            "bootstrap": bootstrap_ci(visual, textual, n_boot=n_perm, seed=seed),
-        }
+        for variant in MATRIX_VARIANTS:
+            out[variant][layer] = diagonal_tests(
+                visual,
+                textual,
+                center=variant == "centred",
+                n_permutations=n_perm,
+                n_boot=n_perm,
+                seed=seed,
+                null_p=1.0 / len(names),
+            )
     return out
 
 
@@ -143,8 +157,15 @@ def analyze(
     n_permutations: int = 1000,
     tsne_layer: int | None = None,
     batch_size: int = 16,
+    n_grounding: int = 64,
+    grounding_max_new_tokens: int = 16,
 ) -> dict:
-    """Run every analysis on `model_dir`; write `analysis.json` and PNG figures to `out_dir`; return the dict."""
+    """Run every analysis on `model_dir`; write `analysis.json` and PNG figures to `out_dir`; return the dict.
+
+    `analysis.json["concept_matrices"]` holds both matrix variants (`raw`, `centred`) with their tests at every
+    layer; the older top-level `concept_matrix` / `binomial` / `permutation` / `bootstrap` keys repeat the
+    `raw` variant (the paper's) for existing readers. `grounding`: captions of the first `n_grounding`
+    single-object test images scored for naming the right shape and colour (`analysis.grounding`)."""
     from trainer.data import MoeVlmCollator
 
     started = time.time()
@@ -172,6 +193,9 @@ def analyze(
     concept = np.concatenate([labels, labels])
     embedding = tsne_embed(points, seed=seed)
     tsne = {"layer": tsne_layer, **silhouettes(points, modality, concept, embedding=embedding, seed=seed)}
+    # Intervals, so "clusters by modality" can be compared across models (pipeline.report needs them).
+    tsne["silhouette_modality_hidden_interval"] = silhouette_interval(points, modality, seed=seed)["interval"]
+    tsne["silhouette_concept_hidden_interval"] = silhouette_interval(points, concept, seed=seed)["interval"]
 
     comp_rows = _rows(data["compositional_probe"], None)
     comp_states = probe_states(model, processor, comp_rows, batch_size, desc="compositional probe")
@@ -186,12 +210,25 @@ def analyze(
         "probe": {"set": "concept_probe", "concepts": names, "n_per_concept": int(np.bincount(labels).min())},
         "compositional_probe": {"compounds": compounds, "n": len(comp_rows)},
         "samples": {"split": "test", "n": len(test_rows)},
-        "concept_matrix": {layer: {"matrix": v["matrix"]} for layer, v in concepts.items()},
-        "binomial": {layer: v["binomial"] for layer, v in concepts.items()},
-        "permutation": {layer: v["permutation"] for layer, v in concepts.items()},
-        "bootstrap": {layer: v["bootstrap"] for layer, v in concepts.items()},
+        "concept_matrices": concepts,
+        # The raw variant again under the keys readers had before both variants existed (hub.card, analysis.cli).
+        "concept_matrix": {layer: {"matrix": v["matrix"]} for layer, v in concepts["raw"].items()},
+        "binomial": {layer: v["binomial"] for layer, v in concepts["raw"].items()},
+        "permutation": {layer: v["permutation"] for layer, v in concepts["raw"].items()},
+        "bootstrap": {layer: v["bootstrap"] for layer, v in concepts["raw"].items()},
         "tsne": tsne,
         "compositional": compositional,
+        "grounding": {
+            "split": "test",
+            **caption_grounding(
+                model,
+                processor,
+                data["test"],
+                n=n_grounding,
+                max_new_tokens=grounding_max_new_tokens,
+                batch_size=batch_size,
+            ),
+        },
     }
     if is_moe:
         routing = routing_arrays(model, collator, test_rows, batch_size)
@@ -228,6 +265,15 @@ def _figures(result, states, embedding, modality, concept, names, out_dir: Path)
             labels=names,
             title=f"Concept-modality similarity, layer {last} (k={result['binomial'][last]['k']}/"
             f"{result['binomial'][last]['n']}, p={result['binomial'][last]['p_value']:.2g})",
+        ),
+        figures.plot_similarity_matrix(
+            result["concept_matrices"]["centred"][last]["matrix"],
+            out_dir / "concept_matrix_centred.png",
+            labels=names,
+            title=f"Centred concept-modality similarity, layer {last} "
+            f"(k={result['concept_matrices']['centred'][last]['k']}/"
+            f"{result['concept_matrices']['centred'][last]['n']}, "
+            f"p={result['concept_matrices']['centred'][last]['binomial']['p_value']:.2g})",
         ),
         figures.plot_tsne(
             embedding,
@@ -269,38 +315,66 @@ def evaluate(
     data_dir: str | Path | None = None,
     seed: int = 0,
     n_samples: int = 100,
-    prompt: str = "<image>\n",
+    prompt_formats: list[str] | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 16,
     meteor: bool = True,
 ) -> dict:
-    """Greedy captions on the test split and COCO caption metrics; writes `captioning.json` and `captions.json`."""
+    """Greedy captions on the test split and COCO caption metrics, per prompt format; writes `captioning.json` and
+    `captions.json`.
+
+    `prompt_formats`: `raw` (the caption prompt) and/or `chat` (the chat template, Stage 3's training format); by
+    default the stage's own training format (`training_prompt_format`: its recipe), and `raw` always.
+
+    `captioning.json`: the top-level `prompt` and `metrics` are the `raw` format's (every stage is compared on
+    them); `prompt_format` says so (`"raw"`); `training_prompt_format` is the stage's own; `by_prompt_format` holds
+    `{format: {"prompt": text, "metrics": {...}}}` for every format evaluated, `raw` included. `captions.json`:
+    `{id: {"prediction": raw caption, "references": [...], "predictions": {format: caption}}}`.
+    """
     started = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_checkpoint(model_dir)
     data = load_data(data_dir, seed, model.config.vision_config.image_size)
     rows = _rows(data["test"], n_samples)
-    predictions = generate_captions(model, processor, rows, prompt, max_new_tokens, batch_size)
+    own_format = training_prompt_format(model_dir, processor)
+    formats = evaluation_prompt_formats(own_format, prompt_formats)
     references = {str(r["id"]): list(r["references"]) for r in rows}
-    metrics = caption_metrics(predictions, references, meteor=meteor)
+    predictions, by_format = {}, {}
+    with CaptionEvaluator(meteor=meteor) as evaluator:  # one METEOR JVM for every format
+        for fmt in formats:
+            prompt = caption_prompt(processor, fmt)
+            predictions[fmt] = generate_captions(model, processor, rows, prompt, max_new_tokens, batch_size)
+            metrics = caption_metrics(predictions[fmt], references, evaluator=evaluator)
+            by_format[fmt] = {"prompt": prompt, "metrics": metrics}
     result = _jsonable(
         {
             "model": str(model_dir),
             "split": "test",
             "n": len(rows),
-            "prompt": prompt,
+            "prompt_format": "raw",
+            "prompt": by_format["raw"]["prompt"],
+            "training_prompt_format": own_format,
             "max_new_tokens": max_new_tokens,
             "decoding": "greedy",
             "seed": seed,
-            "metrics": metrics,
+            "metrics": by_format["raw"]["metrics"],
+            "by_prompt_format": by_format,
             "seconds": time.time() - started,
         }
     )
     (out_dir / CAPTIONING_FILE).write_text(json.dumps(result, indent=1))
     (out_dir / "captions.json").write_text(
         json.dumps(
-            {i: {"prediction": predictions[i], "references": references[i]} for i in predictions}, indent=1
+            {
+                i: {
+                    "prediction": predictions["raw"][i],
+                    "references": references[i],
+                    "predictions": {fmt: predictions[fmt][i] for fmt in formats},
+                }
+                for i in references
+            },
+            indent=1,
         )
     )
     return result

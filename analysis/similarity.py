@@ -10,6 +10,11 @@ after Stage 3 is the paper's evidence of collapse (Figure 4).
 Inputs are plain arrays (numpy or torch, any dtype); the model-running code pools tokens per sample
 (``masked_mean``), groups samples per concept (``pool_concepts`` / ``group_concepts``), and calls
 ``concept_matrix`` / ``concept_matrices``. Outputs are float64 numpy arrays.
+
+Raw cosines between image and text states are dominated by row and column offsets (the modality gap and
+a direction every state shares): in the tiny testbed every row peaked in the same column, so k could never
+exceed 1. ``offset_decomposition`` measures that, and the ``centred`` variant (``center=True``: each
+modality's mean over concepts removed) is reported beside the paper's ``raw`` one.
 """
 
 from __future__ import annotations
@@ -142,11 +147,61 @@ def concept_matrices(visual_by_layer: Any, textual_by_layer: Any, center: bool =
     return cosine_matrix(v, t, center=center)
 
 
+#: The two variants of the concept matrix analyse writes: the paper's (``raw``) and with each modality's mean
+#: over concepts removed before the cosine (``centred``). Keys of ``analysis.json["concept_matrices"]``.
+MATRIX_VARIANTS = ("raw", "centred")
+
+
+def offset_decomposition(matrix: Any) -> dict:
+    """How much of a (C, C) matrix is a row offset plus a column offset (a two-way additive model).
+
+    ``M[i, j] = mu + a_i + b_j + e_ij`` with ``a`` the row means and ``b`` the column means minus the grand
+    mean ``mu`` (the least-squares fit of the additive model, as in a two-way ANOVA without replication).
+    A matrix whose rows all peak in the same column because one caption concept sits closest to *every*
+    image (the modality gap, a common direction of the hidden states) is almost all ``b``: its
+    ``offset_share`` (the share of the sum of squares about ``mu`` that ``a`` + ``b`` explain) is near 1,
+    and only the residual ``e`` can carry a concept diagonal. Hand-written: it is four means, and statsmodels'
+    ANOVA would need a long-format table for the same numbers.
+
+    Returns dict(offset_share, row_share, column_share, residual_share (the three shares sum to 1; 0 when
+    the matrix is constant), argmax_columns (each row's maximising column), n_distinct_argmax).
+    """
+    m = to_numpy(matrix)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"expected a square (C, C) matrix, got shape {m.shape}")
+    mu = m.mean()
+    rows = m.mean(axis=1, keepdims=True) - mu  # (C, 1)
+    cols = m.mean(axis=0, keepdims=True) - mu  # (1, C)
+    residual = m - mu - rows - cols  # (C, C)
+    total = float(((m - mu) ** 2).sum())
+    c = m.shape[0]
+    shares = (
+        (
+            float(c * (rows**2).sum()) / total,
+            float(c * (cols**2).sum()) / total,
+            float((residual**2).sum()) / total,
+        )
+        if total > 0
+        else (0.0, 0.0, 0.0)
+    )
+    argmax = np.argmax(m, axis=1)
+    return {
+        "offset_share": shares[0] + shares[1],
+        "row_share": shares[0],
+        "column_share": shares[1],
+        "residual_share": shares[2],
+        "argmax_columns": [int(j) for j in argmax],
+        "n_distinct_argmax": int(np.unique(argmax).size),
+    }
+
+
 __all__ = [
+    "MATRIX_VARIANTS",
     "concept_matrices",
     "concept_matrix",
     "cosine_matrix",
     "group_concepts",
     "masked_mean",
+    "offset_decomposition",
     "pool_concepts",
 ]

@@ -63,13 +63,14 @@ def diagonal_margins(matrix: Any) -> np.ndarray:
     return diag - (m.sum(axis=-1) - diag) / (c - 1)
 
 
-def binomial_diagonal_test(matrix: Any) -> dict:
+def binomial_diagonal_test(matrix: Any, null_p: float | None = None) -> dict:
     """One-tailed binomial test of the diagonal (the paper's test).
 
     matrix: (C, C), rows = visual concepts, columns = textual concepts. Counts k = number of hit rows
     (see ``TIE_RULE``) out of n = C and tests H0 "each row's maximum falls on its diagonal with chance
-    1/C, independently" against "more often" with ``scipy.stats.binomtest(k, n, 1/C,
-    alternative="greater")``.
+    p0, independently" against "more often" with ``scipy.stats.binomtest(k, n, p0,
+    alternative="greater")``. The null p0 is explicit: ``null_p``, default 1/C (a row's maximum equally
+    likely in any column), and is returned with the result.
 
     Returns dict(test="binomial", k, n, null_p, p_value, alternative, hits (per-row bools), tie_rule,
     row_margins, mean_margin).
@@ -78,7 +79,9 @@ def binomial_diagonal_test(matrix: Any) -> dict:
     hits = diagonal_hits(m)
     n = int(m.shape[0])
     k = int(hits.sum())
-    null_p = 1.0 / n
+    null_p = 1.0 / n if null_p is None else float(null_p)
+    if not 0.0 < null_p < 1.0:
+        raise ValueError(f"null_p must lie in (0, 1), got {null_p}")
     margins = diagonal_margins(m)
     return {
         "test": "binomial",
@@ -291,11 +294,123 @@ def bootstrap_ci(
     }
 
 
+def diagonal_tests(
+    visual_samples: Any,
+    textual_samples: Any,
+    *,
+    center: bool,
+    n_permutations: int = 1000,
+    n_boot: int = 1000,
+    seed: int = 0,
+    null_p: float | None = None,
+) -> dict:
+    """One concept matrix (``raw``: center False, the paper's; ``centred``: each modality's mean over concepts
+    removed) and every test of its diagonal, from per-sample states.
+
+    visual_samples: (C, N_v, D); textual_samples: (C, N_t, D). Runs ``binomial_diagonal_test`` (explicit null
+    ``null_p``, default 1/C), ``permutation_test`` and ``bootstrap_ci`` with the same ``center``, and
+    ``similarity.offset_decomposition`` of the matrix (how much of it is row + column offset).
+
+    Returns dict(variant, center, matrix (C, C) list, k, n, k_over_n, k_over_n_ci (the bootstrap's k interval
+    divided by n), mean_margin, margin_ci, binomial, permutation, bootstrap, offsets).
+    """
+    from .similarity import concept_matrix, offset_decomposition
+
+    v, t = _check_samples(visual_samples, textual_samples)
+    matrix = concept_matrix(v, t, center=center)  # (C, C)
+    binomial = binomial_diagonal_test(matrix, null_p=null_p)
+    permutation = permutation_test(v, t, n_permutations=n_permutations, seed=seed, center=center)
+    boot = bootstrap_ci(v, t, n_boot=n_boot, seed=seed, center=center)
+    n = binomial["n"]
+    return {
+        "variant": "centred" if center else "raw",
+        "center": bool(center),
+        "matrix": matrix.tolist(),
+        "k": binomial["k"],
+        "n": n,
+        "k_over_n": binomial["k"] / n,
+        "k_over_n_ci": [boot["k_ci"][0] / n, boot["k_ci"][1] / n],
+        "mean_margin": binomial["mean_margin"],
+        "margin_ci": boot["margin_ci"],
+        "binomial": binomial,
+        "permutation": permutation,
+        "bootstrap": boot,
+        "offsets": offset_decomposition(matrix),
+    }
+
+
+def proportion_test(successes: float, n: int, null_p: float = 0.5, ci: float = 0.95) -> dict:
+    """A share of n trials against a chance level: one-tailed ``scipy.stats.binomtest`` (greater than
+    ``null_p``) and its Wilson interval. Non-integer ``successes`` (ties counted as half a win) are rounded
+    down, so a tie never counts for the claim.
+
+    Returns dict(fraction, n, successes, null_p, p_value, alternative, ci, interval [low, high], method) with
+    fraction/p_value/interval None when n = 0.
+    """
+    n = int(n)
+    k = int(np.floor(successes))
+    if n <= 0:
+        return {"fraction": None, "n": 0, "successes": 0, "null_p": float(null_p), "p_value": None,
+                "alternative": "greater", "ci": float(ci), "interval": None, "method": "wilson"}  # fmt: skip
+    result = binomtest(k, n, null_p, alternative="greater")
+    interval = binomtest(k, n, null_p).proportion_ci(confidence_level=ci, method="wilson")
+    return {
+        "fraction": float(successes) / n,
+        "n": n,
+        "successes": k,
+        "null_p": float(null_p),
+        "p_value": float(result.pvalue),
+        "alternative": "greater",
+        "ci": float(ci),
+        "interval": [float(interval.low), float(interval.high)],
+        "method": "wilson",
+    }
+
+
+def silhouette_interval(
+    points: Any, labels: Any, metric: str = "cosine", n_boot: int = 1000, seed: int = 0, ci: float = 0.95
+) -> dict:
+    """Silhouette score of a labelling with a bootstrap interval over points.
+
+    points: (M, D); labels: (M,). The per-point silhouettes (``sklearn.metrics.silhouette_samples``) are
+    computed once and their mean resampled (``scipy.stats.bootstrap``, percentile): the interval says how
+    much the score moves with another draw of the points at this geometry (the clusters are not re-fitted
+    per replicate, so it is a lower bound on the full variability). Its mean equals ``silhouette_score``.
+
+    Returns dict(score, interval [low, high], ci, n_boot, n_points, metric, method, seed).
+    """
+    from scipy.stats import bootstrap
+    from sklearn.metrics import silhouette_samples
+
+    x = to_numpy(points)
+    y = np.asarray(labels)
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"points must be (M, D) and labels (M,), got {x.shape} and {y.shape}")
+    values = silhouette_samples(x, y, metric=metric)  # (M,)
+    res = bootstrap(
+        (values,), np.mean, n_resamples=n_boot, confidence_level=ci, method="percentile",
+        rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    return {
+        "score": float(values.mean()),
+        "interval": [float(res.confidence_interval.low), float(res.confidence_interval.high)],
+        "ci": float(ci),
+        "n_boot": int(n_boot),
+        "n_points": int(x.shape[0]),
+        "metric": metric,
+        "method": "percentile bootstrap of the mean per-point silhouette",
+        "seed": int(seed),
+    }
+
+
 __all__ = [
     "TIE_RULE",
     "binomial_diagonal_test",
     "bootstrap_ci",
     "diagonal_hits",
     "diagonal_margins",
+    "diagonal_tests",
     "permutation_test",
+    "proportion_test",
+    "silhouette_interval",
 ]

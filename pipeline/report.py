@@ -4,6 +4,13 @@ of where the results agree or disagree with the paper, the figures (inline) and 
 Every invariant is computed here from the artefacts on disk (checkpoints, markers, analysis.json), each able to
 fail; nothing is tuned to match the paper and nothing is copied from it except the paper's own numbers, which
 are labelled as such.
+
+The invariants start with the two preconditions everything downstream rests on: the frozen vision tower encodes
+shape and colour (the pretraining marker's `vision_probe`), and Stage 2 captions are grounded (they name the
+right shape and colour of single-object images). Every comparison with the paper states its own precondition
+(`precondition`, `precondition_met`) and reads "n/a: <why>" with `agrees` None when it fails, so a verdict is
+never drawn from a model that could not have shown the effect. `report.json["headline"]` is a flat
+{name: float} dict of the numbers worth an interval across seeds (pipeline.seeds aggregates it).
 """
 
 from __future__ import annotations
@@ -54,12 +61,62 @@ def changed_groups(before: dict, after: dict) -> set[str]:
 
 
 # ----- invariants ------------------------------------------------------------------------------------------------
+# Preconditions: a tower that cannot see shape cannot align shape concepts; a captioner that does not name what it
+# sees cannot "lose" captioning. Thresholds from the issue (#12): probe on frozen tower features, grounding on
+# Stage 2 captions of single-object test images.
+VISION_PROBE_THRESHOLDS = {"shape_accuracy": 0.9, "colour_accuracy": 0.9, "zero_shot_shape_accuracy": 0.7}
+GROUNDING_THRESHOLDS = {"shape_accuracy": 0.8, "colour_accuracy": 0.8}
+# Significance level of every test the comparisons read.
+ALPHA = 0.05
+VISION_PROBE_CHECK = "vision probe (frozen tower encodes shape and colour)"
+GROUNDING_CHECK = "grounding (Stage 2 captions name the right shape and colour)"
+ROUTERS_MOVED_CHECK = "Stage 3 routers moved"
+HARD_DISPATCH_CHECK = "Stage 2 dispatch exact (hard routing)"
+
+
 def _check(name: str, passed: bool, detail: str) -> dict:
     return {"name": name, "passed": bool(passed), "detail": detail}
 
 
+def _thresholds_met(values: dict, thresholds: dict) -> tuple[bool, str]:
+    """All `thresholds` reached by `values` (a missing or null value fails), and the comparison in words."""
+    parts, ok = [], True
+    for key, bound in thresholds.items():
+        value = values.get(key)
+        met = isinstance(value, (int, float)) and math.isfinite(value) and value >= bound
+        ok &= met
+        shown = "missing" if value is None else f"{value:.3f}"
+        parts.append(f"{key} {shown} {'>=' if met else 'below'} {bound}")
+    return ok, "; ".join(parts)
+
+
+def vision_probe_check(run_dir: Path) -> dict:
+    """The pretraining marker's `vision_probe` ({shape_accuracy, colour_accuracy, zero_shot_shape_accuracy,
+    n_test}) against `VISION_PROBE_THRESHOLDS`; fails, saying so, when the marker or the key is absent."""
+    marker = Path(run_dir) / "pretrain" / COMPLETION_MARKER
+    if not marker.is_file():
+        return _check(VISION_PROBE_CHECK, False, f"no pretraining marker at {marker}")
+    probe = json.loads(marker.read_text()).get("vision_probe")
+    if not isinstance(probe, dict):
+        return _check(
+            VISION_PROBE_CHECK, False, f"the pretraining marker {marker.name} has no `vision_probe`"
+        )
+    ok, detail = _thresholds_met(probe, VISION_PROBE_THRESHOLDS)
+    return _check(VISION_PROBE_CHECK, ok, f"{detail} (n_test={probe.get('n_test')})")
+
+
+def grounding_check(analyses: dict[str, dict]) -> dict:
+    """Stage 2's grounding accuracy (analysis.json `grounding`) against `GROUNDING_THRESHOLDS`."""
+    g = analyses.get("stage2", {}).get("grounding")
+    if not g or not g.get("n"):
+        why = (g or {}).get("skipped", "no `grounding` in Stage 2's analysis.json")
+        return _check(GROUNDING_CHECK, False, f"not measured: {why}")
+    ok, detail = _thresholds_met(g, GROUNDING_THRESHOLDS)
+    return _check(GROUNDING_CHECK, ok, f"{detail} (n={g['n']} single-object test images, greedy)")
+
+
 def invariants(run_dir: Path, stages: dict[str, Path], analyses: dict[str, dict]) -> list[dict]:
-    checks = []
+    checks = [vision_probe_check(run_dir), grounding_check(analyses)]
     weights = {name: _tensors(path) for name, path in stages.items() if path.is_dir()}
 
     stage0 = weights.get("stage0", {})
@@ -103,7 +160,7 @@ def invariants(run_dir: Path, stages: dict[str, Path], analyses: dict[str, dict]
         moved = [k for k in routers if not np.array_equal(weights["stage2"][k], weights["stage3"][k])]
         checks.append(
             _check(
-                "Stage 3 routers moved",
+                ROUTERS_MOVED_CHECK,
                 len(moved) == len(routers) > 0,
                 f"{len(moved)}/{len(routers)} routers changed",
             )
@@ -114,8 +171,8 @@ def invariants(run_dir: Path, stages: dict[str, Path], analyses: dict[str, dict]
         purity = [layer["purity"]["overall"] for layer in s2["layers"].values()]
         checks.append(
             _check(
-                "Stage 2 dispatch exact (hard routing)",
-                all(p == 1.0 for p in purity),
+                HARD_DISPATCH_CHECK,
+                bool(purity) and all(p == 1.0 for p in purity),
                 f"purity per layer: {purity}",
             )
         )
@@ -171,34 +228,92 @@ def invariants(run_dir: Path, stages: dict[str, Path], analyses: dict[str, dict]
 
 
 # ----- the paper-shaped table and the comparison -----------------------------------------------------------------
+MODEL_NAMES = {
+    "stage2": "Stage 2 (hard routing)",
+    "stage3": "Stage 3 (Gumbel routing)",
+    "dense": "Dense control",
+}
+MATRIX_VARIANTS = ("raw", "centred")  # as analysis.similarity.MATRIX_VARIANTS (the report reads JSON only)
+
+
 def _last(result: dict, key: str):
     block = result.get(key) or {}
     return block[max(block, key=int)] if block else None
 
 
+def diagonal_summary(analysis: dict) -> dict:
+    """{variant: {layer: {k, n, k_over_n, k_over_n_ci, p_binomial, null_p, p_permutation_k, p_permutation_margin,
+    mean_margin, margin_ci, offset_share}}} from analysis.json's `concept_matrices` (both variants); an older
+    analysis.json with only the top-level raw `binomial` / `permutation` / `bootstrap` gives the raw variant."""
+    blocks = analysis.get("concept_matrices")
+    if not blocks and analysis.get("binomial"):
+        blocks = {
+            "raw": {
+                layer: {
+                    "binomial": b,
+                    "permutation": (analysis.get("permutation") or {}).get(layer, {}),
+                    "bootstrap": (analysis.get("bootstrap") or {}).get(layer, {}),
+                }
+                for layer, b in analysis["binomial"].items()
+            }
+        }
+    out = {}
+    for variant, layers in (blocks or {}).items():
+        out[variant] = {}
+        for layer, v in sorted(layers.items(), key=lambda kv: int(kv[0])):
+            b, perm, boot = v.get("binomial", {}), v.get("permutation", {}), v.get("bootstrap", {})
+            n = b.get("n")
+            k_ci = boot.get("k_ci")
+            out[variant][str(layer)] = {
+                "k": b.get("k"),
+                "n": n,
+                "k_over_n": b["k"] / n if n else None,
+                "k_over_n_ci": v.get("k_over_n_ci") or ([k_ci[0] / n, k_ci[1] / n] if k_ci and n else None),
+                "p_binomial": b.get("p_value"),
+                "null_p": b.get("null_p"),
+                "p_permutation_k": perm.get("p_value_k"),
+                "p_permutation_margin": perm.get("p_value_margin"),
+                "mean_margin": b.get("mean_margin"),
+                "margin_ci": boot.get("margin_ci"),
+                "offset_share": (v.get("offsets") or {}).get("offset_share"),
+            }
+    return out
+
+
+def _grounding(analysis: dict) -> dict:
+    g = analysis.get("grounding") or {}
+    return g if g.get("n") else {}
+
+
 def summary_rows(analyses: dict[str, dict], captioning: dict[str, dict]) -> list[dict]:
+    """One row per analysed model: captioning, grounding, the diagonal of both matrices at the analysed (last)
+    layer, crossover and collapse. `binomial_*` are the raw (paper's) matrix, `diagonal` has both variants."""
     rows = []
     for stage in ("stage2", "stage3", "dense"):
         if stage not in analyses and stage not in captioning:
             continue
         a, c = analyses.get(stage, {}), captioning.get(stage, {}).get("metrics", {})
-        binomial = _last(a, "binomial") or {}
+        diagonal = diagonal_summary(a)
+        layer = max((int(k) for k in diagonal.get("raw", {})), default=None)
+        at_layer = {v: d[str(layer)] for v, d in diagonal.items() if layer is not None and str(layer) in d}
+        raw = at_layer.get("raw", {})
+        g = _grounding(a)
         rows.append(
             {
-                "model": {
-                    "stage2": "Stage 2 (hard routing)",
-                    "stage3": "Stage 3 (Gumbel routing)",
-                    "dense": "Dense control",
-                }[stage],
+                "model": MODEL_NAMES[stage],
                 "key": stage,
                 "Bleu_4": c.get("scaled", {}).get("Bleu_4"),
                 "METEOR": c.get("scaled", {}).get("METEOR"),
                 "ROUGE_L": c.get("scaled", {}).get("ROUGE_L"),
                 "CIDEr": c.get("scaled", {}).get("CIDEr"),
-                "binomial_k": binomial.get("k"),
-                "binomial_n": binomial.get("n"),
-                "binomial_p": binomial.get("p_value"),
-                "layer": max(a["binomial"], key=int) if a.get("binomial") else None,
+                "grounding_shape": g.get("shape_accuracy"),
+                "grounding_colour": g.get("colour_accuracy"),
+                "grounding_n": g.get("n"),
+                "binomial_k": raw.get("k"),
+                "binomial_n": raw.get("n"),
+                "binomial_p": raw.get("p_binomial"),
+                "diagonal": at_layer,
+                "layer": layer,
                 "crossover_pct": a.get("crossover", {}).get("increase_pct"),
                 "collapsed": a.get("load", {}).get("n_collapsed"),
                 "n_layers": a.get("load", {}).get("n_layers"),
@@ -207,67 +322,254 @@ def summary_rows(analyses: dict[str, dict], captioning: dict[str, dict]) -> list
     return rows
 
 
-def comparison(rows: list[dict], analyses: dict[str, dict]) -> list[dict]:
-    """Plain statements: what the paper found, what this run measured, and whether they agree."""
+def _diagonal_found(row: dict) -> list[str]:
+    """The matrix variants whose binomial test finds a diagonal (p < ALPHA) in `row` (the analysed layer)."""
+    return [
+        v
+        for v in MATRIX_VARIANTS
+        if (row.get("diagonal", {}).get(v) or {}).get("p_binomial") is not None
+        and row["diagonal"][v]["p_binomial"] < ALPHA
+    ]
+
+
+def _diag_text(d: dict) -> str:
+    ci = d.get("k_over_n_ci")
+    ci_text = f", k/n 95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    perm = d.get("p_permutation_margin")
+    perm_text = f", permutation p(margin)={perm:.3g}" if perm is not None else ""
+    return (
+        f"k={d['k']}/{d['n']}, binomial p={d['p_binomial']:.3g} (null {d['null_p']:.3g}){perm_text}{ci_text}"
+    )
+
+
+def _silhouette(analysis: dict) -> tuple[float | None, list | None, float | None]:
+    t = analysis.get("tsne") or {}
+    return (
+        t.get("silhouette_modality_hidden"),
+        t.get("silhouette_modality_hidden_interval"),
+        t.get("silhouette_concept_hidden"),
+    )
+
+
+def _binding_test(block: dict | None) -> dict | None:
+    """A binding block (fraction, n_wins, n_ties, n_comparisons) against chance 0.5: one-tailed binomial test
+    (ties count half, rounded down) and its Wilson interval. The comparisons share matrix entries, so the test
+    is approximate, like the paper's binomial test of the diagonal."""
+    from scipy.stats import binomtest
+
+    if not block or not block.get("n_comparisons"):
+        return None
+    n = int(block["n_comparisons"])
+    k = int(math.floor(block.get("n_wins", 0) + 0.5 * block.get("n_ties", 0)))
+    interval = binomtest(k, n, 0.5).proportion_ci(confidence_level=0.95, method="wilson")
+    return {
+        "fraction": block.get("fraction"),
+        "p_value": float(binomtest(k, n, 0.5, alternative="greater").pvalue),
+        "interval": [float(interval.low), float(interval.high)],
+        "n": n,
+    }
+
+
+def comparison(rows: list[dict], analyses: dict[str, dict], checks: list[dict] | None = None) -> list[dict]:
+    """Plain statements: what the paper found, the precondition the claim needs here, what this run measured,
+    and whether they agree (True / False, None = n/a because the precondition fails or nothing was measured).
+
+    Each entry: paper, precondition, precondition_met, measured ("n/a: <why> (measured: ...)" when the
+    precondition fails), agrees, interval (the interval the verdict rests on, or None).
+    """
     by = {r["key"]: r for r in rows}
+    passed = {c["name"]: c["passed"] for c in checks or []}
+    details = {c["name"]: c["detail"] for c in checks or []}
     out = []
 
-    def add(claim, measured, agrees):
-        out.append({"paper": claim, "measured": measured, "agrees": None if agrees is None else bool(agrees)})
+    def add(claim, precondition, met, why, measured, agrees, interval=None):
+        if not met:
+            measured, agrees = f"n/a: {why} (measured: {measured})", None
+        out.append(
+            {
+                "paper": claim,
+                "precondition": precondition,
+                "precondition_met": bool(met),
+                "measured": measured,
+                "agrees": None if agrees is None else bool(agrees),
+                "interval": interval,
+            }
+        )
 
-    if "stage2" in by and by["stage2"]["binomial_p"] is not None:
-        r = by["stage2"]
+    vision_ok = passed.get(VISION_PROBE_CHECK, False)
+    vision_why = f"the vision probe fails ({details.get(VISION_PROBE_CHECK, 'not checked')})"
+
+    s2 = by.get("stage2")
+    if s2 and s2.get("diagonal"):
+        found = _diagonal_found(s2)
+        text = "; ".join(f"{v}: {_diag_text(d)}" for v, d in s2["diagonal"].items())
         add(
             "Stage 2 aligns concepts across modalities: k=6/8, p≈8.5e-5 (last layer)",
-            f"k={r['binomial_k']}/{r['binomial_n']}, p={r['binomial_p']:.3g} at layer {r['layer']}",
-            r["binomial_p"] < 0.05,
+            "the frozen vision tower encodes shape (vision probe passes): concepts are shapes",
+            vision_ok,
+            vision_why,
+            f"layer {s2['layer']}: {text}; diagonal (p < {ALPHA}) in: {', '.join(found) or 'neither matrix'}",
+            bool(found),
+            {v: d.get("k_over_n_ci") for v, d in s2["diagonal"].items()},
         )
-    if "stage2" in by and by["stage2"]["crossover_pct"] is not None:
-        x = by["stage2"]["crossover_pct"]
-        add("Inverting Stage 2 routing raises the loss by 11%", f"{x:+.1f}%", x > 0)
-    if "stage3" in by and by["stage3"]["binomial_p"] is not None:
-        r = by["stage3"]
+    if s2 and s2.get("crossover_pct") is not None:
+        x = s2["crossover_pct"]
+        add(
+            "Inverting Stage 2 routing raises the loss by 11%",
+            "Stage 2 dispatch is exact (hard routing), so 'the other expert' is defined for every token",
+            passed.get(HARD_DISPATCH_CHECK, False),
+            f"Stage 2 dispatch is not exact ({details.get(HARD_DISPATCH_CHECK, 'no Stage 2 load measured')})",
+            f"{x:+.1f}%",
+            x > 0,
+        )
+    s3 = by.get("stage3")
+    if s3 and s3.get("diagonal"):
+        found = _diagonal_found(s2) if s2 else []
+        kept = [v for v in found if v in s3["diagonal"] and s3["diagonal"][v]["p_binomial"] < ALPHA]
+        text = "; ".join(f"{v}: {_diag_text(s3['diagonal'][v])}" for v in (found or s3["diagonal"]))
         add(
             "Stage 3 loses the concept alignment (diagonal gone)",
-            f"k={r['binomial_k']}/{r['binomial_n']}, p={r['binomial_p']:.3g}",
-            r["binomial_p"] >= 0.05,
+            f"Stage 2 has a diagonal (binomial p < {ALPHA} in the raw or centred matrix); judged in the "
+            f"matrix that has it ({', '.join(found) or 'none'})",
+            bool(found),
+            f"Stage 2 has no diagonal in either matrix (p ≥ {ALPHA}), so there is none to lose",
+            f"Stage 3, layer {s3['layer']}: {text}",
+            bool(found) and not kept,
+            {v: s3["diagonal"][v].get("k_over_n_ci") for v in found if v in s3["diagonal"]},
         )
-    if "stage3" in by and by["stage3"]["collapsed"] is not None:
-        r = by["stage3"]
+    if s3 and s3.get("collapsed") is not None:
+        soft = analyses.get("stage3", {}).get("load", {}).get("n_collapsed_soft")
+        soft_text = (
+            f"; {soft}/{s3['n_layers']} under the soft definition (mean router probability ≥ 90% on one expert)"
+            if soft is not None
+            else ""
+        )
         add(
             "Stage 3: most layers collapse to one expert (layer-level collapse)",
-            f"{r['collapsed']}/{r['n_layers']} layers collapsed (≥99% of tokens on one expert)",
-            r["collapsed"] > r["n_layers"] / 2,
+            "the Stage 3 routers are trained (their weights moved), so the routing is theirs",
+            passed.get(ROUTERS_MOVED_CHECK, False),
+            f"the Stage 3 routers were not shown to have moved ({details.get(ROUTERS_MOVED_CHECK, 'no checkpoints compared')})",
+            f"{s3['collapsed']}/{s3['n_layers']} layers collapsed (≥99% of tokens on one expert){soft_text}",
+            s3["collapsed"] > s3["n_layers"] / 2,
         )
-    if "stage3" in analyses and "stage2" in analyses:
-        s2 = analyses["stage2"].get("tsne", {})
-        s3 = analyses["stage3"].get("tsne", {})
-        if s3.get("silhouette_modality_hidden") is not None:
-            add(
-                "Stage 3 hidden states cluster by modality rather than by concept",
-                f"silhouette modality {s3['silhouette_modality_hidden']:.2f} vs concept {s3['silhouette_concept_hidden']:.2f}"
-                f" (Stage 2: {s2.get('silhouette_modality_hidden', float('nan')):.2f} vs {s2.get('silhouette_concept_hidden', float('nan')):.2f})",
-                s3["silhouette_modality_hidden"] > s3["silhouette_concept_hidden"],
+    if "stage3" in analyses:
+        m3, i3, c3 = _silhouette(analyses["stage3"])
+        refs = {k: _silhouette(analyses[k]) for k in ("stage2", "dense") if k in analyses}
+        have = m3 is not None and len(refs) == 2 and all(r[0] is not None for r in refs.values())
+        measured = f"silhouette by modality: Stage 3 {_fmt_ci(m3, i3)}" + "".join(
+            f", {MODEL_NAMES[k]} {_fmt_ci(r[0], r[1])}" for k, r in refs.items()
+        )
+        agrees = None
+        if have:
+            (m2, i2, _), (md, idn, _) = refs["stage2"], refs["dense"]
+            margin = m3 - max(m2, md)
+            spread = abs(m2 - md)
+            separated = all(i3 and i and i3[0] > i[1] for i in (i2, idn)) if i3 and i2 and idn else True
+            agrees = margin > spread and separated and (c3 is None or m3 > c3)
+            measured += (
+                f"; Stage 3 exceeds the larger reference by {margin:+.2f} (the references differ by "
+                f"{spread:.2f}){'' if separated else '; intervals overlap'}; Stage 3 by concept {_fmt_ci(c3)}"
             )
-    if (
-        "stage2" in by
-        and "stage3" in by
-        and by["stage2"]["CIDEr"] is not None
-        and by["stage3"]["CIDEr"] is not None
-    ):
-        a, b = by["stage2"]["CIDEr"], by["stage3"]["CIDEr"]
-        add("Captioning collapses after Stage 3 (CIDEr 76.2 -> 8.1)", f"CIDEr {a:.1f} -> {b:.1f}", b < a)
+        add(
+            "Stage 3 hidden states cluster by modality rather than by concept",
+            "judged against Stage 2 and the dense control: Stage 3's modality silhouette must exceed both by more "
+            "than their difference, its interval clear of theirs, and its concept silhouette",
+            have,
+            "Stage 2's or the dense control's silhouettes are missing",
+            measured,
+            agrees,
+            {"stage3": i3, **{k: r[1] for k, r in refs.items()}},
+        )
+    if s2 and s3 and s2["CIDEr"] is not None and s3["CIDEr"] is not None:
+        a, b = s2["CIDEr"], s3["CIDEr"]
+        grounded = passed.get(GROUNDING_CHECK, False)
+        add(
+            "Captioning collapses after Stage 3 (CIDEr 76.2 -> 8.1)",
+            "Stage 2 captions are grounded (grounding invariant passes): there is captioning to lose",
+            grounded,
+            f"Stage 2 is not grounded ({details.get(GROUNDING_CHECK, 'not checked')})",
+            f"CIDEr {a:.1f} -> {b:.1f}; grounding shape {_fmt_acc(s2['grounding_shape'])} -> "
+            f"{_fmt_acc(s3['grounding_shape'])}, colour {_fmt_acc(s2['grounding_colour'])} -> "
+            f"{_fmt_acc(s3['grounding_colour'])}",
+            b < a,
+        )
     comp = analyses.get("stage2", {}).get("compositional")
     if comp:
-        last = comp[max(comp, key=int)]["binding"]
-        attr = last.get("attribute", {})
-        score = attr.get("fraction")
-        if score is not None:
+        binding = comp[max(comp, key=int)]["binding"]
+        attribute, obj = _binding_test(binding.get("attribute")), _binding_test(binding.get("object"))
+        if attribute is not None:
+            object_ok = obj is not None and obj["p_value"] < ALPHA
+            object_text = (
+                f"object binding {obj['fraction']:.2f} [{obj['interval'][0]:.2f}, {obj['interval'][1]:.2f}], "
+                f"p={obj['p_value']:.3g}"
+                if obj
+                else "object binding not measured"
+            )
             add(
                 "Stage 2 fails to bind colour to object ('red apple' ≈ 'green apple')",
-                f"attribute binding win rate {score:.2f} (0.5 = colour ignored, 1 = bound)",
-                score < 0.75,
+                f"object binding above chance (binomial p < {ALPHA} against 0.5): the probe can see binding at all",
+                object_ok,
+                f"object binding is at chance ({object_text})",
+                f"attribute binding {attribute['fraction']:.2f} [{attribute['interval'][0]:.2f}, "
+                f"{attribute['interval'][1]:.2f}], p={attribute['p_value']:.3g} against 0.5 = colour ignored; "
+                f"{object_text}",
+                attribute["p_value"] >= ALPHA,
+                attribute["interval"],
             )
+    return out
+
+
+def _fmt_ci(value, interval=None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def _fmt_acc(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def headline(rows: list[dict], analyses: dict[str, dict], run_dir: Path | None = None) -> dict[str, float]:
+    """The numbers worth a seed interval, flat and stably named: `<model>_<metric>` ({stage2, stage3, dense}),
+    the diagonal at the analysed layer per matrix variant, and the vision probe. Only finite numbers."""
+    out: dict[str, float] = {}
+
+    def put(name, value):
+        if isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[name] = float(value)
+
+    for r in rows:
+        m = r["key"]
+        for metric in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+            put(f"{m}_captioning_{metric}", r.get(metric))
+        put(f"{m}_grounding_shape_accuracy", r.get("grounding_shape"))
+        put(f"{m}_grounding_colour_accuracy", r.get("grounding_colour"))
+        for variant, d in (r.get("diagonal") or {}).items():
+            put(f"{m}_{variant}_diagonal_k_over_n", d.get("k_over_n"))
+            put(f"{m}_{variant}_diagonal_p_binomial", d.get("p_binomial"))
+            put(f"{m}_{variant}_diagonal_p_permutation_margin", d.get("p_permutation_margin"))
+            put(f"{m}_{variant}_diagonal_mean_margin", d.get("mean_margin"))
+            put(f"{m}_{variant}_offset_share", d.get("offset_share"))
+        put(f"{m}_crossover_increase_pct", r.get("crossover_pct"))
+        load = analyses.get(m, {}).get("load") or {}
+        for key, value in load.items():  # n_collapsed and any other collapse count (e.g. a soft definition)
+            if key.startswith("n_collapsed"):
+                put(f"{m}_{key[2:]}_layers", value)
+        tsne = analyses.get(m, {}).get("tsne") or {}
+        put(f"{m}_silhouette_modality", tsne.get("silhouette_modality_hidden"))
+        put(f"{m}_silhouette_concept", tsne.get("silhouette_concept_hidden"))
+        comp = analyses.get(m, {}).get("compositional")
+        if comp:
+            binding = comp[max(comp, key=int)]["binding"]
+            for kind in ("attribute", "object", "swap"):
+                put(f"{m}_binding_{kind}", (binding.get(kind) or {}).get("fraction"))
+    if run_dir is not None:
+        marker = Path(run_dir) / "pretrain" / COMPLETION_MARKER
+        probe = json.loads(marker.read_text()).get("vision_probe") if marker.is_file() else None
+        for key in VISION_PROBE_THRESHOLDS:
+            put(f"vision_probe_{key}", (probe or {}).get(key))
     return out
 
 
@@ -299,11 +601,14 @@ def write_report(run_dir: str | Path, timings: dict[str, float], extra: dict | N
             captioning[name] = json.loads((folder / CAPTIONING_FILE).read_text())
     checks = invariants(run_dir, stages, analyses)
     rows = summary_rows(analyses, captioning)
-    statements = comparison(rows, analyses)
+    statements = comparison(rows, analyses, checks)
     report = {
         "invariants": checks,
         "all_invariants_pass": all(c["passed"] for c in checks),
+        "preconditions": {c["name"]: c["passed"] for c in checks[:2]},
         "table": rows,
+        "headline": headline(rows, analyses, run_dir),
+        "concept_matrices": {name: diagonal_summary(a) for name, a in analyses.items()},
         "comparison_with_paper": statements,
         "paper": PAPER,
         "timings_seconds": timings,
@@ -312,6 +617,36 @@ def write_report(run_dir: str | Path, timings: dict[str, float], extra: dict | N
     (run_dir / REPORT_JSON).write_text(json.dumps(report, indent=1))
     (run_dir / REPORT_HTML).write_text(_html(report, run_dir))
     return report
+
+
+def _matrices_html(matrices: dict) -> str:
+    """Both concept matrices of every model at every layer, with their three tests."""
+    parts = [
+        "<h2>Concept matrices: raw (the paper's) and centred, every layer</h2><table><tr><th>model</th>"
+        "<th>matrix</th><th>layer</th><th>k/n</th><th>k/n 95% CI</th><th>binomial p (null)</th>"
+        "<th>permutation p (k)</th><th>permutation p (margin)</th><th>mean margin</th><th>margin 95% CI</th>"
+        "<th>row+column offset share</th></tr>"
+    ]
+    for model, variants in matrices.items():
+        for variant, layers in variants.items():
+            for layer, d in layers.items():
+                ci, mci = d.get("k_over_n_ci"), d.get("margin_ci")
+                parts.append(
+                    f"<tr><td>{html.escape(MODEL_NAMES.get(model, model))}</td><td>{html.escape(variant)}</td>"
+                    f"<td>{html.escape(str(layer))}</td><td>{d['k']}/{d['n']}</td>"
+                    f"<td>{f'[{ci[0]:.2f}, {ci[1]:.2f}]' if ci else '–'}</td>"
+                    f"<td>{_fmt(d.get('p_binomial'))} ({_fmt(d.get('null_p'))})</td>"
+                    f"<td>{_fmt(d.get('p_permutation_k'))}</td><td>{_fmt(d.get('p_permutation_margin'))}</td>"
+                    f"<td>{_fmt(d.get('mean_margin'))}</td>"
+                    f"<td>{f'[{mci[0]:.3g}, {mci[1]:.3g}]' if mci else '–'}</td>"
+                    f"<td>{_fmt(d.get('offset_share'))}</td></tr>"
+                )
+    parts.append(
+        "</table><p>Permutation: visual samples' concept labels shuffled; bootstrap: samples resampled within each "
+        "concept (percentile). Offset share: the part of the matrix a row offset plus a column offset explains; "
+        "near 1, every row peaks in the same column and k cannot exceed 1.</p>"
+    )
+    return "\n".join(parts)
 
 
 def _html(report: dict, run_dir: Path) -> str:
@@ -337,37 +672,48 @@ def _html(report: dict, run_dir: Path) -> str:
     parts.append("</table>")
     parts.append("<h2>Results (shaped like the paper's Table 1 and Section 3)</h2>")
     parts.append(
-        "<table><tr><th>model</th><th>B-4</th><th>M</th><th>R-L</th><th>C</th><th>binomial k/n</th><th>p</th><th>crossover</th><th>collapsed layers</th></tr>"
+        "<table><tr><th>model</th><th>B-4</th><th>M</th><th>R-L</th><th>C</th><th>grounding shape</th>"
+        "<th>grounding colour</th><th>raw k/n</th><th>raw p</th><th>centred k/n</th><th>centred p</th>"
+        "<th>crossover</th><th>collapsed layers</th></tr>"
     )
     for r in report["table"]:
-        k = (
-            f"{r['binomial_k']}/{r['binomial_n']} (layer {r['layer']})"
-            if r["binomial_k"] is not None
-            else "–"
-        )
+        cells = []
+        for variant in MATRIX_VARIANTS:
+            d = (r.get("diagonal") or {}).get(variant)
+            cells.append(f"{d['k']}/{d['n']} (layer {r['layer']})" if d and d.get("k") is not None else "–")
+            cells.append(_fmt(d.get("p_binomial")) if d else "–")
         cross = f"{r['crossover_pct']:+.1f}%" if r["crossover_pct"] is not None else "–"
         coll = f"{r['collapsed']}/{r['n_layers']}" if r["collapsed"] is not None else "–"
         parts.append(
             f"<tr><td>{r['model']}</td><td>{_fmt(r['Bleu_4'])}</td><td>{_fmt(r['METEOR'])}</td><td>{_fmt(r['ROUGE_L'])}</td>"
-            f"<td>{_fmt(r['CIDEr'])}</td><td>{k}</td><td>{_fmt(r['binomial_p'])}</td><td>{cross}</td><td>{coll}</td></tr>"
+            f"<td>{_fmt(r['CIDEr'])}</td><td>{_fmt(r.get('grounding_shape'))}</td><td>{_fmt(r.get('grounding_colour'))}</td>"
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + f"<td>{cross}</td><td>{coll}</td></tr>"
         )
     parts.append(
         "</table><p>Captioning metrics ×100 (pycocoevalcap: PTB tokenizer, METEOR jar) on the Shapes test split; "
-        "the paper's are on COCO Karpathy test (Stage 2: C 76.2, Stage 3: C 8.1) and are not comparable in absolute value.</p>"
+        "the paper's are on COCO Karpathy test (Stage 2: C 76.2, Stage 3: C 8.1) and are not comparable in absolute value. "
+        "Grounding: share of captions of single-object test images whose shape (colour) words are exactly the "
+        "object's. k/n: rows of the concept matrix whose maximum is on the diagonal, binomial test against 1/n; "
+        "raw = the paper's cosine matrix, centred = each modality's mean over concepts removed first.</p>"
     )
     parts.append(
-        "<h2>Agreement with the paper</h2><table><tr><th>the paper</th><th>this run</th><th>agrees?</th></tr>"
+        "<h2>Agreement with the paper</h2><table><tr><th>the paper</th><th>precondition</th><th>this run</th>"
+        "<th>agrees?</th></tr>"
     )
     for s in report["comparison_with_paper"]:
         verdict = {
             True: "<span class='pass'>agrees</span>",
             False: "<span class='fail'>disagrees</span>",
-            None: "–",
+            None: "n/a",
         }[s["agrees"]]
+        met = "met" if s.get("precondition_met") else "<span class='fail'>not met</span>"
         parts.append(
-            f"<tr><td>{html.escape(s['paper'])}</td><td style='text-align:left'>{html.escape(s['measured'])}</td><td>{verdict}</td></tr>"
+            f"<tr><td>{html.escape(s['paper'])}</td><td style='text-align:left'>{html.escape(s.get('precondition', ''))} "
+            f"({met})</td><td style='text-align:left'>{html.escape(s['measured'])}</td><td>{verdict}</td></tr>"
         )
     parts.append("</table>")
+    parts.append(_matrices_html(report.get("concept_matrices", {})))
     parts.append("<h2>Figures</h2>")
     for name in ("stage2", "stage3", "dense"):
         for png in sorted((run_dir / "analysis" / name).glob("*.png")):
