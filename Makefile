@@ -15,10 +15,13 @@ PIP_FLAGS ?=
 LATEST_VENV ?= .venv-latest
 LOCK_VENV ?= .venv-lock
 OUT ?= runs/reproduce
+# `make reproduce-seeds`: these seeds, each into $(SEEDS_OUT)/seed<N>/, and the report across them in $(SEEDS_OUT).
+SEEDS ?= 0 1 2
+SEEDS_OUT ?= runs/reproduce-seeds
 
 CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup reproduce test test-latest versions lock lint clean
+.PHONY: setup reproduce reproduce-seeds test test-latest versions lock lint clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +40,9 @@ setup: $(VENV)/.installed .system-deps
 
 reproduce: setup
 	$(VENV)/bin/moe-vlm reproduce --out $(OUT)
+
+reproduce-seeds: setup
+	$(VENV)/bin/moe-vlm reproduce --seeds $(SEEDS) --out $(SEEDS_OUT)
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""`moe-vlm reproduce`: the main job on the embedded default."""
+"""`moe-vlm reproduce`: the main job on the embedded default, for one seed or several."""
 
 from __future__ import annotations
 
@@ -6,17 +6,51 @@ import argparse
 
 
 def _cmd_reproduce(args) -> None:
-    from .reproduce import reproduce
+    from .reproduce import reproduce, reproduce_seeds
 
-    reproduce(args.out, seed=args.seed, n_samples=args.n_samples, n_eval=args.n_eval)
+    options = {"cache": not args.no_cache, "rebuild_pretraining": args.rebuild_pretraining}
+    if args.seeds is not None:
+        reproduce_seeds(args.out, args.seeds, n_samples=args.n_samples, n_eval=args.n_eval, **options)
+    else:
+        seed = 0 if args.seed is None else args.seed
+        reproduce(args.out, seed=seed, n_samples=args.n_samples, n_eval=args.n_eval, **options)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "reproduce", help="run the protocol on the embedded default (tiny models, generated data)"
+        "reproduce",
+        help="run the protocol on the embedded default (tiny models, generated data)",
+        description="Train every stage on the embedded default, analyse and evaluate, and write report.json/.html. "
+        "Finished steps are skipped, so an interrupted run resumes. Seeds vary the Shapes world and Stages 1-3 "
+        "(and the dense control); the pretrained backbone (tiny CLIP + Mistral, frozen like CLIP/Mistral at paper "
+        "scale) has its seed fixed by its recipe and is built once per recipe in the cache ($MOE_VLM_CACHE/pretrain), "
+        "shared by every seed and run.",
     )
     p.add_argument("--out", default="runs/reproduce", help="output directory")
-    p.add_argument("--seed", type=int, default=0)
+    seeds = p.add_mutually_exclusive_group()
+    # default None, not 0: argparse lets an option given at its default value pass a mutually exclusive group
+    seeds.add_argument(
+        "--seed", type=int, default=None, help="one seed (default 0): the run goes straight into --out"
+    )
+    seeds.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="several seeds: each into OUT/seed<N>/, then a report across them in OUT (mean, 95%% t interval and "
+        "per-seed values of every headline number); one value is the same as --seed",
+    )
     p.add_argument("--n-samples", type=int, default=200, help="test captions for routing/crossover analyses")
     p.add_argument("--n-eval", type=int, default=100, help="test images captioned for the metrics")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="build the pretraining inside --out (OUT/pretrain) instead of the shared cache",
+    )
+    p.add_argument(
+        "--rebuild-pretraining",
+        action="store_true",
+        help="train the pretraining again even where a finished one exists (finished later steps are kept)",
+    )
     p.set_defaults(func=_cmd_reproduce)
