@@ -22,6 +22,7 @@ from configuration.contract import LOAD_GROUPS
 
 from ._arrays import to_labels, to_numpy
 from .compositional import binding_score, parse_compound
+from .load import routing_dynamics
 from .stats import diagonal_hits
 
 
@@ -151,6 +152,95 @@ def plot_expert_load(
     return _save(fig, path, dpi)
 
 
+def _as_dynamics(source: Any) -> dict:
+    """A `load.routing_dynamics` result from one (returned as is), routing-log records, a routing log file or a
+    stage directory holding one."""
+    if isinstance(source, Mapping) and "train" in source and "collapse" in source:
+        return dict(source)
+    from trainer.routing_stats import read_routing_log
+
+    return routing_dynamics(read_routing_log(source))
+
+
+def plot_routing_dynamics(
+    source: Any,
+    path: str | Path,
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+    dpi: int = 100,
+) -> str:
+    """When does each layer collapse, and is it the router's decision? Routing over training steps, per layer.
+
+    source: a stage directory, its `routing_stats.jsonl`, the log's records, or a `load.routing_dynamics` result.
+    A grid of modality (rows: image, text, all tokens) x quantity (columns: hard top-1 dispatch to expert 0,
+    soft load = mean router probability of expert 0, mean logit gap logit0 - logit1), one line per layer (colour).
+    Solid lines are the training batches as routed (Gumbel noise, dropout); dashed lines the held-out probe in
+    eval mode (the routers' own decisions), when the log has one. Dotted lines mark the collapse thresholds (hard
+    dispatch 0.99 / 0.01, soft load 0.90 / 0.10) and, on the "all" row, a triangle marks the first step each layer
+    was collapsed (hard in the dispatch column, soft in the soft-load column; filled: training, open: probe).
+    """
+    dyn = _as_dynamics(source)
+    layers = list(dyn["train"]) or list(dyn["probe"])
+    if not layers:
+        raise ValueError("the routing log has no per-layer records")
+    hard_t, soft_t = dyn["collapse_threshold"], dyn["soft_collapse_threshold"]
+    columns = (
+        ("dispatch0", "hard dispatch → expert 0", (hard_t, 1 - hard_t)),
+        ("prob0", "soft load of expert 0", (soft_t, 1 - soft_t)),
+        ("logit_gap", "mean logit gap (logit0 − logit1)", (0.0,)),
+    )
+    colours = colormaps["viridis"](np.linspace(0.0, 0.9, len(layers)))
+    fig = _new_figure(figsize or (13.0, 8.5), dpi)
+    axes = fig.subplots(len(LOAD_GROUPS), len(columns), sharex=True, squeeze=False)
+    for row, modality in enumerate(LOAD_GROUPS):
+        for col, (name, label, guides) in enumerate(columns):
+            ax = axes[row][col]
+            for value in guides:
+                ax.axhline(value, color="grey", linestyle=":", linewidth=0.9)
+            for k, layer in enumerate(layers):
+                for source_name, style in (("train", "-"), ("probe", "--")):
+                    series = dyn[source_name].get(layer, {}).get(modality)
+                    if not series:
+                        continue
+                    y = np.array([np.nan if v is None else v for v in series[name]], dtype=float)
+                    ax.plot(
+                        series["steps"], y, style, color=colours[k], linewidth=1.4, marker=".", markersize=3
+                    )
+                    onset_kind = {"dispatch0": "hard", "prob0": "soft"}.get(name)
+                    if modality == "all" and onset_kind:
+                        first = dyn["collapse"][source_name][layer][onset_kind]["first_step"]
+                        if first is not None:
+                            at = series["steps"].index(first)
+                            ax.scatter([first], [y[at]], marker="v", s=46, zorder=3, edgecolors=colours[k],
+                                       facecolors=colours[k] if source_name == "train" else "none")  # fmt: skip
+            if name != "logit_gap":
+                ax.set_ylim(-0.03, 1.03)
+            if row == 0:
+                ax.set_title(label, fontsize=10)
+            if col == 0:
+                ax.set_ylabel(f"{modality} tokens")
+            if row == len(LOAD_GROUPS) - 1:
+                ax.set_xlabel("training step")
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=colours[k], linewidth=2, label=f"layer {layer}")
+        for k, layer in enumerate(layers)
+    ]
+    handles += [Line2D([], [], color="black", linestyle="-", label="training batches (Gumbel, dropout)")]
+    if any(dyn["probe"].values()):
+        info = dyn.get("probe_info") or {}
+        where = f"{info.get('n_samples', '?')} {info.get('split', '')} records".strip()
+        handles += [Line2D([], [], color="black", linestyle="--", label=f"probe, eval mode ({where})")]
+    handles += [Line2D([], [], color="black", marker="v", linestyle="none", label="first collapsed step")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8)
+    fig.suptitle(
+        title
+        or f"Routing dynamics per layer (collapse: hard dispatch ≥ {hard_t:.2f}, soft load ≥ {soft_t:.2f} of all tokens)"
+    )
+    return _save(fig, path, dpi)
+
+
 def plot_tsne(
     embedding: Any,
     modality_labels: Any,
@@ -255,4 +345,6 @@ def plot_compositional_matrix(
     return _save(fig, path, dpi)
 
 
+# `analysis._EXPORTS["figures"]` must equal this list (tests/test_analysis_exports.py): `plot_routing_dynamics` joins
+# it together with that map, in one change.
 __all__ = ["plot_compositional_matrix", "plot_expert_load", "plot_similarity_matrix", "plot_tsne"]

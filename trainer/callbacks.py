@@ -12,20 +12,28 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from configuration.contract import ROUTING_LOG_FILE
 
-from .routing_stats import PREFIX, unflatten
+from .routing_stats import PREFIX, PROBE_PREFIX, unflatten
 
 
 class RoutingStatsCallback(TrainerCallback):
     """Appends one JSON line per logging step to `<output_dir>/routing_stats.jsonl` (main process only):
     `{"step": .., "stage": .., "layers": {"0": {"image": {"dispatch": [..], "prob": [..], "entropy": ..,
-    "tokens": ..}, "text": {..}, "all": {..}}}}`.
+    "logit_gap": .., "logit_margin": .., "agreement": .., "tokens": ..}, "text": {..}, "all": {..}}},
+    "probe": {"split": .., "n_samples": .., "mode": .., "layers": {same shape}}}`.
+
+    `layers` are the training batches since the last log (with the Gumbel noise and dropout they were routed with);
+    `probe`, present when the stage has a routing probe, is the fixed held-out batch routed in eval mode at this
+    step. Fields (definitions in `trainer.load_stats`): `dispatch` hard top-1 share per expert, `prob` mean router
+    probability per expert (soft load), `entropy` mean per-token routing entropy (nats), `logit_gap` mean of
+    logit0 - logit1, `logit_margin` mean top-1 - top-2 logit, `agreement` share dispatched to the router's argmax.
 
     It reads the routing keys the stage Trainer's `log()` put into the log (already averaged since the last log and
     reduced across processes), so TensorBoard and other `report_to` targets see exactly the same numbers.
     """
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, probe_info: dict | None = None):
         self.stage = stage
+        self.probe_info = probe_info
 
     def path(self, args) -> Path:
         return Path(args.output_dir) / ROUTING_LOG_FILE
@@ -52,6 +60,9 @@ class RoutingStatsCallback(TrainerCallback):
         if not layers:
             return
         record = {"step": state.global_step, "stage": self.stage, "layers": layers}
+        probe = unflatten(logs, PROBE_PREFIX)
+        if probe:
+            record["probe"] = {**(self.probe_info or {}), "layers": probe}
         path = self.path(args)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
@@ -78,20 +89,22 @@ class GumbelTauCallback(TrainerCallback):
 
 def compact_logs(logs: dict) -> dict:
     """A log dict for the console: the routing keys folded into one short field, `routing: 'L0 i→0:1.00 t→1:1.00 |
-    L1 …'` (per layer: the expert most image / text tokens went to, and the share it got)."""
-    layers = unflatten(logs)
-    shown = {k: v for k, v in logs.items() if not k.startswith(PREFIX + "/")}
-    if layers:
-        shown["routing"] = " | ".join(
-            f"L{layer} "
-            + " ".join(
-                f"{modality[0]}→{max(range(len(s['dispatch'])), key=s['dispatch'].__getitem__)}:"
-                f"{max(s['dispatch']):.2f}"
-                for modality, s in per_modality.items()
-                if modality != "all"
+    L1 …'` (per layer: the expert most image / text tokens went to, and the share it got), and the probe's keys
+    likewise into `routing_probe`."""
+    shown = {k: v for k, v in logs.items() if not k.startswith((PREFIX + "/", PROBE_PREFIX + "/"))}
+    for prefix in (PREFIX, PROBE_PREFIX):  # the training batches, then the eval-mode probe
+        layers = unflatten(logs, prefix)
+        if layers:
+            shown[prefix] = " | ".join(
+                f"L{layer} "
+                + " ".join(
+                    f"{modality[0]}→{max(range(len(s['dispatch'])), key=s['dispatch'].__getitem__)}:"
+                    f"{max(s['dispatch']):.2f}"
+                    for modality, s in per_modality.items()
+                    if modality != "all"
+                )
+                for layer, per_modality in layers.items()
             )
-            for layer, per_modality in layers.items()
-        )
     return shown
 
 

@@ -6,35 +6,59 @@ across processes and logs their averages as flat keys (`routing/layer0/image/exp
 `RoutingStatsCallback` also appends, nested, to `routing_stats.jsonl`.
 
 The per-layer numbers come from `trainer.load_stats.group_stats` (the definitions the analyses use too): hard dispatch
-fractions (share of tokens whose chosen expert is e), soft probability mass (mean router probability of e) and the
-mean per-token routing entropy (nats), for image tokens, text tokens and all tokens; padding is excluded. Averages
-over the steps since the last log are token-weighted.
+fractions (share of tokens whose chosen expert is e), soft probability mass (mean router probability of e), the
+mean per-token routing entropy (nats), the mean logit gap (logit of expert 0 minus the other's), the mean top-1 -
+top-2 margin and the agreement of the dispatch with the router's own argmax, for image tokens, text tokens and all
+tokens; padding is excluded. Averages over the steps since the last log are token-weighted.
+
+A `RoutingProbe` routes a fixed held-out batch in eval mode (no Gumbel noise, no dropout) at each logging step; its
+numbers are logged under `routing_probe/...` and stored under `"probe"` in the routing log: training-batch routing
+says what was dispatched, the probe says what the routers themselves decide.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
-from configuration.contract import LOAD_GROUPS
+from configuration.contract import LOAD_GROUPS, ROUTING_LOG_FILE
 
 from .load_stats import group_stats
 
 PREFIX = "routing"
+PROBE_PREFIX = "routing_probe"
+# Per-token scalars averaged per layer and modality, beside the per-expert `dispatch` and `prob`.
+SCALAR_STATS = ("entropy", "logit_gap", "logit_margin", "agreement")
+# group_stats' name of each scalar.
+_GROUP_STAT = {
+    "entropy": "routing_entropy",
+    "logit_gap": "logit_gap",
+    "logit_margin": "logit_margin",
+    "agreement": "agreement",
+}
 
 
 class RoutingAccumulator:
-    """Sums of per-expert dispatch counts, probability mass and entropy, per MoE layer and modality.
+    """Sums of per-expert dispatch counts and probability mass and of the per-token scalars (`SCALAR_STATS`), per
+    MoE layer and modality.
 
-    Stored as one float64 tensor (layers, modalities, 2 * experts + 2): [counts..., prob sums..., entropy sum,
-    tokens], so one all-reduce sums it across processes.
+    Stored as one float64 tensor (layers, modalities, 2 * experts + len(SCALAR_STATS) + 1): [counts..., prob
+    sums..., scalar sums..., tokens], so one all-reduce sums it across processes.
     """
 
     def __init__(self, layers: Sequence[int], num_experts: int):
         self.layers = list(layers)
         self.num_experts = num_experts
-        self.sums = torch.zeros(len(self.layers), len(LOAD_GROUPS), 2 * num_experts + 2, dtype=torch.float64)
+        width = 2 * num_experts + len(SCALAR_STATS) + 1
+        self.sums = torch.zeros(len(self.layers), len(LOAD_GROUPS), width, dtype=torch.float64)
+
+    @property
+    def n_tokens(self) -> float:
+        """Tokens summed since the last reset (the "all" group of the first layer), on this process."""
+        return float(self.sums[0, LOAD_GROUPS.index("all"), -1]) if self.layers else 0.0
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -61,9 +85,12 @@ class RoutingAccumulator:
         is_image = modality_mask.reshape(-1).cpu()[valid]
         E = self.num_experts
         for i, (logits, index) in enumerate(zip(router_logits, router_indices)):
-            probs = logits.detach().float().softmax(dim=-1).cpu()[valid]  # (valid tokens, E)
+            logits = logits.detach().double().cpu()[valid]  # (valid tokens, E)
+            probs = logits.softmax(dim=-1)
             choices = index.detach().cpu()[valid][:, 0]  # top-1: the dispatched expert
-            report = group_stats(choices.long().numpy(), probs.double().numpy(), is_image.numpy(), E)
+            report = group_stats(
+                choices.long().numpy(), probs.numpy(), is_image.numpy(), E, logits=logits.numpy()
+            )
             for m, modality in enumerate(LOAD_GROUPS):
                 stats = report[modality]
                 n = stats["n_tokens"]
@@ -72,13 +99,16 @@ class RoutingAccumulator:
                 row = self.sums[i, m]
                 row[:E] += torch.tensor(stats["counts"], dtype=torch.float64)
                 row[E : 2 * E] += n * torch.tensor(stats["soft_mass"], dtype=torch.float64)
-                row[2 * E] += n * stats["routing_entropy"]
-                row[2 * E + 1] += n
+                for k, name in enumerate(SCALAR_STATS):
+                    value = stats[_GROUP_STAT[name]]
+                    row[2 * E + k] += n * (0.0 if value is None else value)  # None: one expert, no gap
+                row[-1] += n
 
     def summary(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """Token-weighted averages since the last reset, nested as routing_stats.jsonl stores them:
-        {"0": {"image": {"dispatch": [..], "prob": [..], "entropy": .., "tokens": ..}, "text": .., "all": ..}}.
-        A modality with no token is left out. `reduce` sums the raw tensor across processes first."""
+        {"0": {"image": {"dispatch": [..], "prob": [..], "entropy": .., "logit_gap": .., "logit_margin": ..,
+        "agreement": .., "tokens": ..}, "text": .., "all": ..}}. A modality with no token is left out. `reduce`
+        sums the raw tensor across processes first."""
         sums = reduce(self.sums) if reduce is not None else self.sums
         E = self.num_experts
         layers = {}
@@ -86,46 +116,91 @@ class RoutingAccumulator:
             per_modality = {}
             for m, modality in enumerate(LOAD_GROUPS):
                 row = sums[i, m].tolist()
-                n = row[2 * E + 1]
+                n = row[-1]
                 if n > 0:
-                    per_modality[modality] = {
-                        "dispatch": [c / n for c in row[:E]],
-                        "prob": [p / n for p in row[E : 2 * E]],
-                        "entropy": row[2 * E] / n,
-                        "tokens": int(n),
-                    }
+                    stats = {"dispatch": [c / n for c in row[:E]], "prob": [p / n for p in row[E : 2 * E]]}
+                    stats.update({name: row[2 * E + k] / n for k, name in enumerate(SCALAR_STATS)})
+                    stats["tokens"] = int(n)
+                    per_modality[modality] = stats
             layers[str(layer)] = per_modality
         return layers
 
 
-def flatten(layers: dict) -> dict[str, float]:
+class RoutingProbe:
+    """A fixed batch of held-out records, collated once, routed in eval mode at each logging step.
+
+    Eval mode turns the Gumbel sample into the argmax and router dropout off, so the probe's dispatch is the
+    routers' own decision; comparing it with the training-batch dispatch shows how much the noise decides. Every
+    process runs the whole probe (a few dozen records) and gets the same numbers: no collective beyond the
+    model's own (FSDP gathers its shards in the forward, so every rank must run it). `batch_size` bounds memory.
+    """
+
+    def __init__(
+        self, records, collator, layers: Sequence[int], num_experts: int, batch_size: int, split: str
+    ):
+        self.n_samples = len(records)
+        self.split = split
+        self.layers, self.num_experts = list(layers), num_experts
+        # Collated now, once: the batches are then fixed, and collating later would not touch the training RNG.
+        rows = [records[i] for i in range(self.n_samples)]
+        self.batches = [collator(rows[i : i + batch_size]) for i in range(0, self.n_samples, batch_size)]
+
+    def info(self) -> dict:
+        return {
+            "split": self.split,
+            "n_samples": self.n_samples,
+            "mode": "eval (no Gumbel noise, no dropout)",
+        }
+
+    @torch.no_grad()
+    def run(self, model, prepare: Callable[[dict], dict] = lambda batch: batch) -> dict:
+        """The probe's routing summary (as `RoutingAccumulator.summary`). `prepare` moves a batch to the model's
+        device (the Trainer's `_prepare_inputs`). The model is put back in the mode it was in."""
+        accumulator = RoutingAccumulator(self.layers, self.num_experts)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in self.batches:
+                inputs = prepare({k: v for k, v in batch.items() if k != "labels"})
+                # One position of LM-head logits: only the router outputs are wanted.
+                out = model(**inputs, output_router_logits=True, logits_to_keep=1)
+                accumulator.update(
+                    out.router_logits, out.router_indices, out.modality_mask, inputs.get("attention_mask")
+                )
+        finally:
+            model.train(was_training)
+        return accumulator.summary()
+
+
+def flatten(layers: dict, prefix: str = PREFIX) -> dict[str, float]:
     """Nested summary -> flat scalar log keys (`routing/layer0/image/expert1_prob`) for the Trainer's log."""
     flat = {}
     for layer, per_modality in layers.items():
         for modality, stats in per_modality.items():
-            key = f"{PREFIX}/layer{layer}/{modality}"
+            key = f"{prefix}/layer{layer}/{modality}"
             for e, (d, p) in enumerate(zip(stats["dispatch"], stats["prob"])):
                 flat[f"{key}/expert{e}_dispatch"] = d
                 flat[f"{key}/expert{e}_prob"] = p
-            flat[f"{key}/entropy"] = stats["entropy"]
-            flat[f"{key}/tokens"] = stats["tokens"]
+            for name in (*SCALAR_STATS, "tokens"):
+                if name in stats:
+                    flat[f"{key}/{name}"] = stats[name]
     return flat
 
 
-def unflatten(logs: dict) -> dict:
-    """The inverse of `flatten` over the routing keys of a log dict (other keys are ignored)."""
+def unflatten(logs: dict, prefix: str = PREFIX) -> dict:
+    """The inverse of `flatten` over the keys of a log dict under `prefix` (other keys are ignored)."""
     layers: dict[str, dict] = {}
     for key, value in logs.items():
         parts = key.split("/")
-        if len(parts) != 4 or parts[0] != PREFIX or not parts[1].startswith("layer"):
+        if len(parts) != 4 or parts[0] != prefix or not parts[1].startswith("layer"):
             continue
         stats = layers.setdefault(parts[1][len("layer") :], {}).setdefault(parts[2], {})
         name = parts[3]
-        if name in ("entropy", "tokens"):
-            stats[name] = int(value) if name == "tokens" else value
-        else:
+        if name.startswith("expert") and "_" in name:
             expert, kind = name.removeprefix("expert").split("_")
             stats.setdefault(kind, {})[int(expert)] = value
+        else:
+            stats[name] = int(value) if name == "tokens" else value
     for per_modality in layers.values():
         for stats in per_modality.values():
             for kind in ("dispatch", "prob"):
@@ -134,4 +209,28 @@ def unflatten(logs: dict) -> dict:
     return {k: layers[k] for k in sorted(layers, key=int)}
 
 
-__all__ = ["PREFIX", "RoutingAccumulator", "flatten", "unflatten"]
+def read_routing_log(source: str | Path | Sequence[Mapping]) -> list[dict]:
+    """The records of a routing log, sorted by step: from a stage directory, a `routing_stats.jsonl` path, or
+    records already read (returned sorted). The format is the one `trainer.callbacks.RoutingStatsCallback` writes
+    (`hub.stats.read_routing_log` also checks every field, for publishing)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        path = path / ROUTING_LOG_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no routing log at {path}")
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        records = [dict(r) for r in source]
+    return sorted(records, key=lambda r: r["step"])
+
+
+__all__ = [
+    "PREFIX",
+    "PROBE_PREFIX",
+    "SCALAR_STATS",
+    "RoutingAccumulator",
+    "RoutingProbe",
+    "flatten",
+    "read_routing_log",
+    "unflatten",
+]

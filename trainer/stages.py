@@ -3,13 +3,15 @@
 What a stage trains (parameter groups, see `freezing.py`), how it routes and which split it reads are its recipe's
 (`configuration/recipes/<stage>.yaml`, read into `StageArguments`: one place for a stage's settings); constructing
 a stage Trainer configures the model accordingly (freezing, router mode, Gumbel temperature, router-loss
-coefficients). A stage class adds only what the recipe cannot say: its hooks. The shared base overrides only
-`compute_loss` (to request the router outputs, accumulate routing statistics and scale the loss explicitly) and
-`log` (to add the statistics, reduced across processes, as TRL adds its metrics).
+coefficients, router dropout). A stage class adds only what the recipe cannot say: its hooks. The shared base
+overrides only `compute_loss` (to request the router outputs, accumulate routing statistics and scale the loss
+explicitly), `log` (to add the statistics, reduced across processes, as TRL adds its metrics, and the eval-mode
+routing probe's) and `create_optimizer` (to give the routers a learning rate of their own when the recipe sets one).
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import ClassVar
 
@@ -24,8 +26,11 @@ from .callbacks import (
 )
 from .freezing import apply_trainable
 from .recipes import StageArguments
-from .routing_stats import RoutingAccumulator, flatten
+from .routing_stats import PROBE_PREFIX, RoutingAccumulator, RoutingProbe, flatten
 
+# A router parameter's name, wherever a wrapper (FSDP, activation checkpointing) inserts a prefix: `...mlp.gate.weight`
+# (`freezing.PARAMETER_GROUPS["router"]` anchors the plain model's names; a dense `mlp.gate_proj` does not match).
+ROUTER_PARAMETER = re.compile(r"(^|\.)mlp\.gate\.")
 ROUTER_LOSS_COEFS = ("router_aux_loss_coef", "router_z_loss_coef", "router_specialisation_loss_coef")
 # Unweighted router losses the model returns with its router outputs, averaged between logging steps.
 ROUTER_LOSS_TERMS = ("load_balancing_loss", "z_loss", "specialisation_loss")
@@ -55,8 +60,12 @@ class MoeVlmStageTrainer(Trainer):
             RoutingAccumulator(model.config.moe_layers, model.config.num_experts) if self.is_moe else None
         )
         self._router_losses: dict[str, list[float]] = defaultdict(list)
+        self.routing_probe = (
+            self.build_routing_probe(model, args, stage_args, kwargs) if self.is_moe else None
+        )
+        probe_info = self.routing_probe.info() if self.routing_probe is not None else None
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        callbacks += [RoutingStatsCallback(self.stage)] if self.is_moe else []
+        callbacks += [RoutingStatsCallback(self.stage, probe_info)] if self.is_moe else []
         callbacks += self.stage_callbacks(model, stage_args)
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         for plain, compact in (
@@ -77,6 +86,8 @@ class MoeVlmStageTrainer(Trainer):
             model.set_router_mode(mode)
         if stage_args.gumbel_tau is not None:
             model.config.gumbel_tau = stage_args.gumbel_tau
+        if stage_args.router_dropout is not None:
+            model.config.router_dropout = stage_args.router_dropout
         for name in ROUTER_LOSS_COEFS:
             setattr(model.config, name, getattr(stage_args, name))
         model.config.check_moe_vlm()
@@ -91,9 +102,79 @@ class MoeVlmStageTrainer(Trainer):
             )
         return [GumbelTauCallback(model.config.gumbel_tau, stage_args.gumbel_tau_end)]
 
+    def build_routing_probe(
+        self, model, args, stage_args: StageArguments, kwargs: dict
+    ) -> RoutingProbe | None:
+        """The recipe's routing probe: the first `routing_probe_samples` records of `routing_probe_split`, or, when
+        that is the split being trained on, its last records, which are then taken out of `kwargs["train_dataset"]`
+        (held out). None when the recipe names no probe split."""
+        split = stage_args.routing_probe_split
+        if split is None:
+            return None
+        collator, dataset = kwargs.get("data_collator"), kwargs.get("train_dataset")
+        if collator is None or dataset is None:
+            raise ValueError("a routing probe needs the Trainer's data_collator and train_dataset")
+        n = stage_args.routing_probe_samples
+        # LLaVA-Instruct has one split: `load_split` hands its records out under any name, so held out it must be.
+        if split == stage_args.train_split or stage_args.dataset == "llava":
+            if len(dataset) <= n:
+                raise ValueError(
+                    f"the routing probe holds out {n} of the {len(dataset)} training records: none would be left"
+                )
+            records = dataset.select(range(len(dataset) - n, len(dataset)))
+            kwargs["train_dataset"] = dataset.select(range(len(dataset) - n))
+        else:
+            from .stage_data import load_split
+
+            records = load_split(stage_args, split, model.config.vision_config.image_size)
+            records = records.select(range(min(n, len(records))))
+        batch_size = args.per_device_eval_batch_size if args is not None else 8
+        return RoutingProbe(
+            records, collator, model.config.moe_layers, model.config.num_experts, batch_size, split
+        )
+
     @property
     def router_losses_in_loss(self) -> bool:
         return any(getattr(self.model.config, name) for name in ROUTER_LOSS_COEFS)
+
+    # ----- optimizer --------------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer (its decay / no-decay groups, optimizer class and kwargs, e.g. fused AdamW),
+        with the router parameters moved into groups of their own at `router_learning_rate` when the recipe sets
+        one. The groups are split right after construction, before any step, so there is no state to move; the
+        layout is deterministic, so a checkpoint's optimizer state loads back on resume, and the learning-rate
+        scheduler (created afterwards) scales every group's own base rate by the same schedule."""
+        had_optimizer = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        router_lr = self.stage_args.router_learning_rate
+        if router_lr is None or had_optimizer:
+            return optimizer
+        opt_model = self.model if model is None else model
+        router = {id(p) for n, p in opt_model.named_parameters() if ROUTER_PARAMETER.search(n)}
+        inner = getattr(optimizer, "optimizer", optimizer)  # an accelerate / bitsandbytes wrapper's optimizer
+        rest, routers = [], []
+        for group in inner.param_groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            kept = [p for p in group["params"] if id(p) not in router]
+            moved = [p for p in group["params"] if id(p) in router]
+            rest += [{**options, "params": kept}] if kept else []
+            routers += [{**options, "params": moved, "lr": router_lr, "name": "router"}] if moved else []
+        if not routers:
+            raise ValueError(
+                "router_learning_rate is set, but no trainable router parameter is in the optimizer (is `router` "
+                "among the stage's trainable groups, and does the router mode train it?)"
+            )
+        # Router groups last: the Trainer logs the first group's rate as `learning_rate`.
+        inner.param_groups = rest + routers
+        return optimizer
+
+    def router_learning_rate_at(self, learning_rate: float) -> float:
+        """The routers' rate at the step the Trainer logged `learning_rate` for (the first group's rate used at that
+        step, read before the scheduler stepped): the schedule multiplies every group's base rate by one factor."""
+        groups = self.optimizer.param_groups
+        routers = [g for g in groups if g.get("name") == "router"]
+        base = groups[0].get("initial_lr", groups[0]["lr"])
+        return float(learning_rate) * routers[0].get("initial_lr", routers[0]["lr"]) / base if base else 0.0
 
     # ----- loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -132,6 +213,12 @@ class MoeVlmStageTrainer(Trainer):
             summary = self.routing.summary(reduce=self._sum_across_processes)
             self.routing.reset()
             logs.update(flatten(summary))
+            # A training log (routing seen since the last one, on every process alike after the reduction): route the
+            # probe too, on every process (the forward may be collective). Evaluation and end-of-run logs skip it.
+            if self.routing_probe is not None and any(summary.values()):
+                logs.update(flatten(self.routing_probe.run(self.model, self._prepare_inputs), PROBE_PREFIX))
+            if "learning_rate" in logs and self.stage_args.router_learning_rate is not None:
+                logs["router/learning_rate"] = self.router_learning_rate_at(logs["learning_rate"])
             for name, values in self._router_losses.items():
                 mean = self._sum_across_processes(
                     torch.tensor([sum(values), len(values)], dtype=torch.float64)

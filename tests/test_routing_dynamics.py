@@ -1,0 +1,292 @@
+"""Routing dynamics: the per-step routing log (training batches and the eval-mode probe), collapse under both
+definitions, and the routing-dynamics figure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train import make_shapes, make_stage0, quick_args, routing_lines, train, weights
+
+from analysis.figures import plot_routing_dynamics
+from analysis.load import expert_load, load_report, routing_dynamics
+from configuration.contract import COMPLETION_MARKER, LOAD_GROUPS, ROUTING_LOG_FILE
+from trainer.callbacks import compact_logs
+from trainer.load_stats import group_stats
+from trainer.routing_stats import PROBE_PREFIX, SCALAR_STATS, RoutingAccumulator, flatten, unflatten
+
+# ----- statistics on constructed router outputs ----------------------------------------------------------------------
+
+
+def test_logit_gap_margin_and_agreement_on_constructed_logits():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 0.5], [-1.0, 1.0]])
+    choices = np.array([0, 0, 0, 1])  # token 1 went against its router (noise)
+    is_image = np.array([True, True, False, False])
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    stats = group_stats(choices, probs, is_image, 2, logits=logits)
+    assert stats["image"]["logit_gap"] == pytest.approx((2.0 - 1.0) / 2)
+    assert stats["image"]["logit_margin"] == pytest.approx((2.0 + 1.0) / 2)
+    assert stats["image"]["agreement"] == pytest.approx(0.5)
+    assert stats["text"]["logit_gap"] == pytest.approx((2.5 - 2.0) / 2)
+    assert stats["all"]["agreement"] == pytest.approx(0.75)
+    # Without the logits the same numbers come from the probabilities (log-probability differences).
+    from_probs = group_stats(choices, probs, is_image, 2)
+    for group in LOAD_GROUPS:
+        for name in ("logit_gap", "logit_margin", "agreement"):
+            assert from_probs[group][name] == pytest.approx(stats[group][name])
+
+
+def test_accumulator_logs_the_new_scalars_and_round_trips_the_flat_keys():
+    acc = RoutingAccumulator([0, 3], 2)
+    logits = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.5, 0.0]])  # (tokens, E)
+    index = torch.tensor([[0], [0], [1]])
+    mask = torch.tensor([[True, False, False]])
+    acc.update([logits, logits], [index, index], mask, torch.ones(1, 3))
+    summary = acc.summary()
+    text = summary["3"]["text"]
+    assert text["logit_gap"] == pytest.approx((-2.0 + 0.5) / 2)
+    assert text["logit_margin"] == pytest.approx((2.0 + 0.5) / 2)
+    assert text["agreement"] == 0.0 and text["tokens"] == 2
+    assert set(SCALAR_STATS) <= set(text)
+    assert unflatten(flatten(summary)) == summary
+    probe = flatten(summary, PROBE_PREFIX)
+    assert unflatten(probe) == {} and unflatten(probe, PROBE_PREFIX) == summary
+    shown = compact_logs({"loss": 1.0, **flatten(summary), **probe})
+    assert set(shown) == {"loss", "routing", PROBE_PREFIX}
+
+
+# ----- collapse under both definitions --------------------------------------------------------------------------
+
+
+def test_hard_and_soft_collapse_are_reported_separately():
+    t = 200
+    is_image = np.arange(t) < 60
+    # Layer 0: argmax on small gaps, 99.5 % of tokens to expert 0 while the soft load is 60/40 (the issue's layer 3).
+    choices = np.zeros(t, dtype=int)
+    choices[0] = 1
+    p0 = np.where(np.arange(t) == 0, 0.4, 0.6)
+    soft_only_hard = np.stack([p0, 1 - p0], 1)
+    # Layer 1: a confident router, 95 % mean probability on expert 1, but only 96 % of tokens dispatched there.
+    choices1 = np.ones(t, dtype=int)
+    choices1[:8] = 0
+    confident = np.tile([0.05, 0.95], (t, 1))
+    confident[:8] = [0.51, 0.49]
+    confident[8:] = [0.035, 0.965]
+    # Layer 2: the clean modality split, neither.
+    split = np.where(is_image, 0, 1)
+    r0 = expert_load(choices, soft_only_hard, is_image)
+    assert r0["collapsed"] and r0["dominant_fraction"] == pytest.approx(0.995)
+    assert not r0["collapsed_soft"] and r0["soft_dominant_fraction"] == pytest.approx(0.599, abs=1e-3)
+    r1 = expert_load(choices1, confident, is_image)
+    assert not r1["collapsed"] and r1["collapsed_soft"] and r1["soft_dominant_expert"] == 1
+    assert r1["soft_collapse_threshold"] == 0.9 and r1["collapse_threshold"] == 0.99
+    report = load_report(
+        {
+            0: (choices, soft_only_hard, is_image),
+            1: (choices1, confident, is_image),
+            2: (split, np.eye(2)[split], is_image),
+        }
+    )
+    assert report["collapsed_layers"] == [0] and report["n_collapsed"] == 1
+    assert report["collapsed_layers_soft"] == [1] and report["n_collapsed_soft"] == 1
+    # Without probabilities (hard routing) nothing is soft-collapsed; a stricter soft threshold un-collapses layer 1.
+    assert not expert_load(np.zeros(5, dtype=int), None, None, num_experts=2)["collapsed_soft"]
+    assert not expert_load(choices1, confident, is_image, soft_collapse_threshold=0.97)["collapsed_soft"]
+    json.dumps(report, allow_nan=False)
+
+
+def _stats(d0: float, p0: float, gap: float, tokens: int = 100) -> dict:
+    return {
+        "dispatch": [d0, 1 - d0],
+        "prob": [p0, 1 - p0],
+        "entropy": 0.5,
+        "logit_gap": gap,
+        "logit_margin": abs(gap),
+        "agreement": 0.7,
+        "tokens": tokens,
+    }
+
+
+def constructed_log(with_probe: bool = True) -> list[dict]:
+    """Two layers over four logging steps: layer 0 hard-collapses onto expert 0 at step 20 with a 60/40 soft load;
+    layer 1 soft-collapses onto expert 1 at step 30 (and so hard at step 40)."""
+    records = []
+    layer0 = [(0.7, 0.55, 0.2), (0.995, 0.6, 0.4), (0.99, 0.61, 0.45), (0.999, 0.62, 0.5)]
+    layer1 = [(0.5, 0.5, 0.0), (0.2, 0.2, -1.0), (0.05, 0.08, -2.5), (0.0, 0.02, -4.0)]
+    for i, step in enumerate((10, 20, 30, 40)):
+        layers = {
+            str(layer): {m: _stats(*values[i]) for m in LOAD_GROUPS}
+            for layer, values in ((0, layer0), (1, layer1))
+        }
+        record = {"step": step, "stage": "3", "layers": layers}
+        if with_probe:
+            probe = {
+                str(layer): {m: _stats(*(values[i][0] ** 3, *values[i][1:])) for m in LOAD_GROUPS}
+                for layer, values in ((0, layer0), (1, layer1))
+            }
+            record["probe"] = {"split": "validation", "n_samples": 8, "mode": "eval", "layers": probe}
+        records.append(record)
+    return records
+
+
+def test_routing_dynamics_finds_when_each_layer_collapses():
+    dyn = routing_dynamics(constructed_log()[::-1])  # any order in, sorted by step
+    assert dyn["steps"] == [10, 20, 30, 40]
+    assert dyn["train"]["0"]["image"]["dispatch0"] == [0.7, 0.995, 0.99, 0.999]
+    assert dyn["train"]["1"]["all"]["logit_gap"] == [0.0, -1.0, -2.5, -4.0]
+    onset = dyn["collapse"]["train"]
+    assert onset["0"]["hard"] == {"first_step": 20, "expert": 0, "at_end": True, "n_collapsed_logs": 3}
+    assert onset["0"]["soft"]["first_step"] is None and not onset["0"]["soft"]["at_end"]
+    assert onset["1"]["soft"]["first_step"] == 30 and onset["1"]["soft"]["expert"] == 1
+    assert onset["1"]["hard"]["first_step"] == 40
+    assert dyn["probe_info"] == {"split": "validation", "n_samples": 8, "mode": "eval"}
+    assert dyn["collapse"]["probe"]["0"]["hard"]["first_step"] == 40  # 0.995³ < 0.99 < 0.999³
+    json.dumps(dyn, allow_nan=False)
+
+
+# ----- the figure -----------------------------------------------------------------------------------------------------
+
+
+def test_routing_dynamics_figure_from_a_stage_directory_and_from_records(tmp_path):
+    stage = tmp_path / "stage3"
+    stage.mkdir()
+    (stage / ROUTING_LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in constructed_log()))
+    out = plot_routing_dynamics(stage, tmp_path / "dyn.png", dpi=50)
+    with Image.open(out) as image:
+        assert image.size == (13 * 50, int(8.5 * 50))
+    # An older log: no probe, no logit fields; the records themselves are accepted too.
+    old = constructed_log(with_probe=False)
+    for record in old:
+        for per_modality in record["layers"].values():
+            for stats in per_modality.values():
+                for name in ("logit_gap", "logit_margin", "agreement"):
+                    stats.pop(name)
+    path = plot_routing_dynamics(old, tmp_path / "old.png", figsize=(6, 4), dpi=40)
+    with Image.open(path) as image:
+        assert image.size == (240, 160)
+    with pytest.raises(ValueError, match="no per-layer records"):
+        plot_routing_dynamics([{"step": 1, "layers": {}}], tmp_path / "none.png")
+
+
+# ----- a tiny Stage 3 run ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """Shapes data and a Stage 0 model passed off as a Stage 2 output (Stage 3 starts from one; what Stages 1-2
+    would have trained does not matter to the routing log)."""
+    root = tmp_path_factory.mktemp("dynamics")
+    shapes = make_shapes(root / "shapes")
+    stage2 = make_stage0(root / "stage0")
+    marker = json.loads((stage2 / COMPLETION_MARKER).read_text())
+    (stage2 / COMPLETION_MARKER).write_text(json.dumps({**marker, "stage": "2"}))
+    return root, shapes, stage2
+
+
+def test_stage3_logs_training_and_probe_routing_at_every_logging_step(start):
+    root, shapes, stage2 = start
+    out = train(
+        "3",
+        root / "s3",
+        stage2,
+        quick_args(shapes, steps=3, logging_steps=1, router_learning_rate=5e-3, learning_rate=1e-4),
+    )
+    lines = routing_lines(out)
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    for line in lines:
+        assert line["probe"]["split"] == "validation" and line["probe"]["n_samples"] == 8
+        for source in (line["layers"], line["probe"]["layers"]):
+            assert set(source) == {"0", "1"}
+            for layer in source.values():
+                assert set(layer) == set(LOAD_GROUPS)
+                for stats in layer.values():
+                    assert sum(stats["dispatch"]) == pytest.approx(1.0) and sum(
+                        stats["prob"]
+                    ) == pytest.approx(1.0)
+                    assert 0.0 <= stats["entropy"] <= math.log(2) + 1e-9
+                    assert stats["logit_margin"] >= abs(stats["logit_gap"]) - 1e-9
+                    assert 0.0 <= stats["agreement"] <= 1.0
+        for layer in line["probe"]["layers"].values():
+            assert layer["all"]["agreement"] == 1.0  # eval mode: the dispatch is the router's argmax
+    # The probe is a fixed batch: its token count is the same at every step.
+    assert len({line["probe"]["layers"]["0"]["all"]["tokens"] for line in lines}) == 1
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    steps = [entry for entry in history if "router/learning_rate" in entry]
+    assert len(steps) == 3
+    for entry in steps:
+        assert entry["router/learning_rate"] / entry["learning_rate"] == pytest.approx(50.0)
+    dyn = routing_dynamics(lines)
+    assert set(dyn["train"]) == set(dyn["probe"]) == {"0", "1"}
+    assert plot_routing_dynamics(out, root / "fig.png").endswith("fig.png")
+
+
+def test_router_learning_rate_survives_a_kill_and_resume(start):
+    """fused AdamW with the router param group: a run stopped after its step-2 checkpoint and resumed ends with the
+    same weights and the same routing log (probe included) as the uninterrupted run."""
+    from transformers import TrainerCallback
+
+    class Killed(RuntimeError):
+        pass
+
+    class KillAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise Killed
+
+    root, shapes, stage2 = start
+    overrides = quick_args(
+        shapes, steps=3, save_strategy="steps", save_steps=2, logging_steps=1, router_learning_rate=5e-3
+    )
+    whole = train("3", root / "whole", stage2, overrides)
+    with pytest.raises(Killed):
+        train("3", root / "killed", stage2, overrides, callbacks=[KillAfterCheckpoint()])
+    state = torch.load(
+        next((root / "killed").glob("checkpoint-2")) / "optimizer.pt", map_location="cpu", weights_only=True
+    )
+    assert [g.get("name") for g in state["param_groups"]][-1] == "router"
+    resumed = train("3", root / "killed", stage2, [*overrides, "--resume_from_checkpoint", "true"])
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert routing_lines(whole) == routing_lines(resumed)
+
+
+def test_probe_on_the_train_split_is_held_out_of_training(start, tiny_model, processor, tmp_path):
+    from datasets import load_from_disk
+    from transformers import TrainingArguments
+
+    from trainer.data import MoeVlmCollator
+    from trainer.recipes import StageArguments
+    from trainer.stages import UnifiedFinetuneTrainer
+
+    _, shapes, _ = start
+    instruct = load_from_disk(str(shapes))["instruct"]
+    stage_args = StageArguments(
+        stage="3", dataset=str(shapes), routing_probe_split="instruct", routing_probe_samples=6
+    )
+    trainer = UnifiedFinetuneTrainer(
+        model=tiny_model,
+        args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+        stage_args=stage_args,
+        train_dataset=instruct,
+        data_collator=MoeVlmCollator(processor),
+    )
+    probe = trainer.routing_probe
+    assert probe.info()["n_samples"] == 6 and len(trainer.train_dataset) == len(instruct) - 6
+    trained = {json.dumps(r["conversations"]) for r in trainer.train_dataset}
+    held = {json.dumps(instruct[i]["conversations"]) for i in range(len(instruct) - 6, len(instruct))}
+    assert not trained & held
+    summary = probe.run(tiny_model)
+    assert tiny_model.training is False  # put back in the mode it was in (the fixture's eval)
+    assert summary["0"]["all"]["agreement"] == 1.0
+    with pytest.raises(ValueError, match="none would be left"):
+        UnifiedFinetuneTrainer(
+            model=tiny_model,
+            args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+            stage_args=StageArguments(stage="3", routing_probe_split="instruct", routing_probe_samples=100),
+            train_dataset=instruct,
+            data_collator=MoeVlmCollator(processor),
+        )
