@@ -11,7 +11,8 @@ hidden states and router outputs) lives elsewhere and calls these.
   ``bootstrap_ci``, all three on one matrix variant: ``diagonal_tests``; ``proportion_test`` (a share
   against chance, Wilson interval), ``silhouette_interval``
 - ``grounding``: do captions name the right shape and colour? ``score_caption``, ``grounding_accuracy``
-- ``load``: expert load, routing entropy, collapse, purity per layer: ``expert_load``, ``load_report``
+- ``load``: expert load, routing entropy, collapse (hard and soft), purity per layer: ``expert_load``,
+  ``load_report``, ``collapse``; routing over training steps from the routing log: ``routing_dynamics``
 - ``tsne``: ``tsne_embed``, ``silhouettes``
 - ``compositional``: colour x object binding: ``compositional_matrix``, ``binding_score``
 - ``cka``: expert function analysis: ``linear_cka``, ``expert_cka_matrix``, ``weight_distance``
@@ -60,7 +61,17 @@ _EXPORTS = {
         "score_caption",
         "shapes_vocabulary",
     ],
-    "load": ["LOAD_GROUPS", "PAPER_MODALITY_TO_EXPERT", "expert_load", "load_report"],
+    "load": [
+        "DYNAMICS_FIELDS",
+        "HARD_COLLAPSE_THRESHOLD",
+        "LOAD_GROUPS",
+        "PAPER_MODALITY_TO_EXPERT",
+        "SOFT_COLLAPSE_THRESHOLD",
+        "collapse",
+        "expert_load",
+        "load_report",
+        "routing_dynamics",
+    ],
     "tsne": ["auto_perplexity", "silhouettes", "tsne_embed"],
     "compositional": ["binding_score", "compositional_matrix", "parse_compound"],
     "cka": ["expert_cka_matrix", "linear_cka", "weight_distance"],
@@ -76,7 +87,13 @@ _EXPORTS = {
         "training_prompt_format",
         "validate_captions",
     ],
-    "figures": ["plot_compositional_matrix", "plot_expert_load", "plot_similarity_matrix", "plot_tsne"],
+    "figures": [
+        "plot_compositional_matrix",
+        "plot_expert_load",
+        "plot_routing_dynamics",
+        "plot_similarity_matrix",
+        "plot_tsne",
+    ],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

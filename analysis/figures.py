@@ -345,6 +345,11 @@ def plot_compositional_matrix(
     return _save(fig, path, dpi)
 
 
-# `analysis._EXPORTS["figures"]` must equal this list (tests/test_analysis_exports.py): `plot_routing_dynamics` joins
-# it together with that map, in one change.
-__all__ = ["plot_compositional_matrix", "plot_expert_load", "plot_similarity_matrix", "plot_tsne"]
+# `analysis._EXPORTS["figures"]` must equal this list (tests/test_analysis_exports.py).
+__all__ = [
+    "plot_compositional_matrix",
+    "plot_expert_load",
+    "plot_routing_dynamics",
+    "plot_similarity_matrix",
+    "plot_tsne",
+]

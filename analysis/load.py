@@ -298,6 +298,15 @@ def routing_dynamics(
     return result
 
 
-# `analysis._EXPORTS["load"]` must equal this list (tests/test_analysis_exports.py): the new names
-# (`routing_dynamics`, `collapse`, the thresholds) join it together with that map, in one change.
-__all__ = ["LOAD_GROUPS", "PAPER_MODALITY_TO_EXPERT", "expert_load", "load_report"]
+# `analysis._EXPORTS["load"]` must equal this list (tests/test_analysis_exports.py).
+__all__ = [
+    "DYNAMICS_FIELDS",
+    "HARD_COLLAPSE_THRESHOLD",
+    "LOAD_GROUPS",
+    "PAPER_MODALITY_TO_EXPERT",
+    "SOFT_COLLAPSE_THRESHOLD",
+    "collapse",
+    "expert_load",
+    "load_report",
+    "routing_dynamics",
+]

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE
+from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, ROUTING_LOG_FILE
+from trainer.routing_stats import read_routing_log
 
 from . import figures
 from .captioning import (
@@ -36,7 +37,7 @@ from .extract import (
     routing_arrays,
 )
 from .grounding import caption_grounding
-from .load import load_report
+from .load import DYNAMICS_FIELDS, load_report, routing_dynamics
 from .similarity import MATRIX_VARIANTS, group_concepts
 from .stats import diagonal_tests, silhouette_interval
 from .tsne import silhouettes, tsne_embed
@@ -145,6 +146,88 @@ def expert_similarity(model, collator, records: list, init_model=None) -> dict:
     return result
 
 
+ROUTING_DYNAMICS_FIGURE = "routing_dynamics.png"
+
+
+def routing_dynamics_summary(dynamics: dict) -> dict:
+    """The compact, JSON-sized part of a `load.routing_dynamics` result that analysis.json keeps (the full time
+    series stay in the routing log and the figure).
+
+    Returns dict(source (the log's file name), n_logs, first_step, last_step, probe (the probe's split / n_samples /
+    mode, or None), collapse_threshold, soft_collapse_threshold, collapse (as `routing_dynamics`: {source: {layer:
+    {"hard": onset, "soft": onset}}}, onset = first_step, expert, at_end, n_collapsed_logs), final: {source: {layer:
+    {modality: {step, dispatch0, prob0, logit_gap, logit_margin, entropy, agreement}}}} (each series' last logged
+    value), layers: {layer: {train_hard_first_step, train_soft_first_step, probe_hard_first_step,
+    probe_soft_first_step, train_agreement, probe_logit_gap, probe_dispatch0}} (the "all" tokens; None where the
+    log lacks it)). `source` is "train" (the training batches as routed) or "probe" (the held-out eval-mode probe).
+    """
+    final = {
+        source: {
+            layer: {
+                modality: {"step": series["steps"][-1], **{f: series[f][-1] for f in DYNAMICS_FIELDS}}
+                for modality, series in per_modality.items()
+                if series["steps"]
+            }
+            for layer, per_modality in dynamics[source].items()
+        }
+        for source in ("train", "probe")
+    }
+
+    def at(source: str, layer: str, field: str):
+        return ((final[source].get(layer) or {}).get("all") or {}).get(field)
+
+    def onset(source: str, layer: str, kind: str):
+        return ((dynamics["collapse"].get(source) or {}).get(layer) or {}).get(kind, {}).get("first_step")
+
+    layers = sorted(set(dynamics["train"]) | set(dynamics["probe"]), key=int)
+    steps = dynamics["steps"]
+    return {
+        "source": ROUTING_LOG_FILE,
+        "n_logs": len(steps),
+        "first_step": steps[0] if steps else None,
+        "last_step": steps[-1] if steps else None,
+        "probe": dynamics["probe_info"],
+        "collapse_threshold": dynamics["collapse_threshold"],
+        "soft_collapse_threshold": dynamics["soft_collapse_threshold"],
+        "collapse": dynamics["collapse"],
+        "final": final,
+        "layers": {
+            layer: {
+                "train_hard_first_step": onset("train", layer, "hard"),
+                "train_soft_first_step": onset("train", layer, "soft"),
+                "probe_hard_first_step": onset("probe", layer, "hard"),
+                "probe_soft_first_step": onset("probe", layer, "soft"),
+                # Training batches: how often the dispatch followed the router's argmax (Gumbel noise and dropout
+                # can overturn it). The probe's is 1 by construction (eval mode), so its gap says how decided it is.
+                "train_agreement": at("train", layer, "agreement"),
+                "probe_logit_gap": at("probe", layer, "logit_gap"),
+                "probe_dispatch0": at("probe", layer, "dispatch0"),
+            }
+            for layer in layers
+        },
+    }
+
+
+def analyze_routing_log(model_dir: str | Path, out_dir: str | Path) -> tuple[dict | None, str | None]:
+    """Routing over training from `model_dir`'s routing log, when it has one: (`routing_dynamics_summary` plus
+    `stage` and `figure`, the file name of the routing-dynamics figure written to `out_dir`; that name again), or
+    (None, None) without a log (a dense model, a Hub id). A log without per-layer records gives
+    ({..., "skipped": why}, None)."""
+    path = Path(model_dir) / ROUTING_LOG_FILE
+    if not path.is_file():
+        return None, None
+    records = read_routing_log(path)
+    if not any(r.get("layers") for r in records):
+        return {"source": ROUTING_LOG_FILE, "n_logs": len(records), "skipped": "no per-layer records"}, None
+    dynamics = routing_dynamics(records)
+    stage = next((r.get("stage") for r in records if r.get("stage") is not None), None)
+    title = f"Routing over training{f', Stage {stage}' if stage is not None else ''}"
+    figure = Path(
+        figures.plot_routing_dynamics(dynamics, Path(out_dir) / ROUTING_DYNAMICS_FIGURE, title=title)
+    ).name
+    return {"stage": stage, "figure": figure, **routing_dynamics_summary(dynamics)}, figure
+
+
 def analyze(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -165,7 +248,9 @@ def analyze(
     `analysis.json["concept_matrices"]` holds both matrix variants (`raw`, `centred`) with their tests at every
     layer; the older top-level `concept_matrix` / `binomial` / `permutation` / `bootstrap` keys repeat the
     `raw` variant (the paper's) for existing readers. `grounding`: captions of the first `n_grounding`
-    single-object test images scored for naming the right shape and colour (`analysis.grounding`)."""
+    single-object test images scored for naming the right shape and colour (`analysis.grounding`).
+    `routing_dynamics` (when `model_dir` has a routing log): when each layer collapsed during training, under both
+    definitions, and the last logged routing (`routing_dynamics_summary`), with the figure `routing_dynamics.png`."""
     from trainer.data import MoeVlmCollator
 
     started = time.time()
@@ -250,6 +335,11 @@ def analyze(
         result["expert_similarity"] = expert_similarity(model, collator, test_rows[:64], init_model)
 
     result["figures"] = _figures(result, states, embedding, modality, concept, names, out_dir)
+    dynamics, dynamics_figure = analyze_routing_log(model_dir, out_dir)
+    if dynamics is not None:
+        result["routing_dynamics"] = dynamics
+    if dynamics_figure is not None:
+        result["figures"].append(dynamics_figure)
     result["seconds"] = time.time() - started
     result = _jsonable(result)
     (out_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))

@@ -2,7 +2,8 @@
 
 Metadata (`ModelCardData`): library, pipeline tag, base models, datasets, tags, license, and the measured numbers in
 `model-index` form (`EvalResult`): COCO caption metrics from `captioning.json` and, from `analysis.json`, the paper's
-binomial test of the concept-modality diagonal, the number of collapsed layers and the crossover loss increase.
+binomial test of the concept-modality diagonal, the number of collapsed layers under both definitions (hard: top-1
+dispatch, the paper's; soft: mean router probability, the authors' code's) and the crossover loss increase.
 The body shows how to load the model with `trust_remote_code=True`, the stages it came from, its training-time
 routing per layer and modality, the routing figures, and the files of the repository.
 
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from analysis.load import HARD_COLLAPSE_THRESHOLD, SOFT_COLLAPSE_THRESHOLD
 
 PAPER = "Expert Collapse and Compositional Failure in Simple Multimodal MoE (Ticinovic & Han)"
 PIPELINE_TAG = "image-text-to-text"
@@ -94,10 +97,23 @@ def _last_layer(block: dict | None) -> tuple[str, dict] | None:
     return layer, block[layer]
 
 
+def collapse_definitions(load: dict | None) -> tuple[str, str]:
+    """(hard, soft) collapse definitions in words, at the thresholds `analysis.json["load"]` was computed with (the
+    analysis defaults when it does not say)."""
+    load = load or {}
+    hard = float(load.get("collapse_threshold", HARD_COLLAPSE_THRESHOLD))
+    soft = float(load.get("soft_collapse_threshold", SOFT_COLLAPSE_THRESHOLD))
+    return (
+        f"one expert takes >= {hard:.0%} of all tokens' top-1 dispatch",
+        f"one expert's mean router probability over all tokens is >= {soft:.0%}",
+    )
+
+
 def eval_results(analysis: dict | None, captioning: dict | None) -> list[EvalResult]:
     """The measured numbers as `model-index` entries. Caption metrics on the evaluation split; the binomial test
     (k of n concepts whose visual row peaks on its own textual column, and its one-tailed p) at the last layer;
-    the collapsed-layer count and the crossover loss increase on the probe samples."""
+    the collapsed-layer counts (hard and soft, `collapse_definitions`) and the crossover loss increase on the probe
+    samples."""
     results: list[EvalResult] = []
     if captioning:
         split = str(captioning.get("split", "test"))
@@ -144,7 +160,10 @@ def eval_results(analysis: dict | None, captioning: dict | None) -> list[EvalRes
             add("binomial_k", f"diagonal hits k of n={b['n']} (layer {layer})", b.get("k"), f"layer{layer}")
             add("p_value", f"binomial p-value (layer {layer})", b.get("p_value"), f"layer{layer}")
         load = analysis.get("load") or {}
-        add("collapsed_layers", f"collapsed layers of {load.get('n_layers')}", load.get("n_collapsed"))
+        hard, soft = collapse_definitions(load)
+        of = f"collapsed layers of {load.get('n_layers')}"
+        add("collapsed_layers", f"{of} (hard: {hard})", load.get("n_collapsed"), "hard")
+        add("collapsed_layers_soft", f"{of} (soft: {soft})", load.get("n_collapsed_soft"), "soft")
         crossover = (analysis.get("crossover") or {}).get("increase_pct")
         add(
             "crossover_loss_increase",
@@ -263,6 +282,16 @@ def _stages_section(markers: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What a figure shows, by file stem, where its name alone does not say (`analysis.run.analyze` writes these).
+FIGURE_CAPTIONS = {
+    "routing_dynamics": "Routing over the training steps of this stage, per layer (colour) and token group (rows): "
+    "hard dispatch to expert 0, soft load of expert 0 (mean router probability) and the mean logit gap "
+    "(logit0 - logit1). Solid: the training batches as routed (Gumbel noise, router dropout); dashed: a fixed "
+    "held-out probe routed in eval mode (the routers' own decisions). Dotted lines: the collapse thresholds; "
+    "triangles: the first step each layer was collapsed.",
+}
+
+
 def _routing_section(routing: dict, figures: Sequence[str]) -> str:
     lines = ["## Routing", ""]
     logged = [(key, s) for key, s in routing.get("stages", {}).items() if s.get("layers")]
@@ -291,10 +320,37 @@ def _routing_section(routing: dict, figures: Sequence[str]) -> str:
         lines.append("")
         for path in figures:
             lines += [f"![{Path(path).stem}]({path})", ""]
+            caption = FIGURE_CAPTIONS.get(Path(path).stem)
+            if caption:
+                lines += [f"*{caption}*", ""]
     return "\n".join(lines) + "\n"
 
 
-def _evaluation_section(results: Sequence[EvalResult]) -> str:
+def _collapse_text(analysis: dict | None) -> str:
+    """Which layers collapsed on the probe samples, under both definitions, and what each means."""
+    load = (analysis or {}).get("load") or {}
+    hard, soft = collapse_definitions(load)
+    text = (
+        f"Collapse is reported under two definitions: *hard* (the paper's), {hard}; *soft* (load as the authors' "
+        f"code measures it), {soft}. A router that sends nearly every token to one expert on small logit gaps is "
+        "hard-collapsed while its soft load stays near even, so the two can disagree."
+    )
+    if load.get("n_collapsed") is not None:
+        n = load.get("n_layers")
+        layers = load.get("collapsed_layers")
+        text += f" This checkpoint: hard {load['n_collapsed']}/{n}" + (
+            f" (layers {layers})" if layers else ""
+        )
+        if load.get("n_collapsed_soft") is not None:
+            soft_layers = load.get("collapsed_layers_soft")
+            text += f", soft {load['n_collapsed_soft']}/{n}" + (
+                f" (layers {soft_layers})" if soft_layers else ""
+            )
+        text += "."
+    return text
+
+
+def _evaluation_section(results: Sequence[EvalResult], analysis: dict | None = None) -> str:
     if not results:
         return (
             "## Evaluation\n\nNo `analysis.json` or `captioning.json` was published with this checkpoint.\n"
@@ -306,8 +362,9 @@ def _evaluation_section(results: Sequence[EvalResult]) -> str:
         "",
         "Caption metrics are COCO's (pycocoevalcap, PTB tokenizer), multiplied by 100 as in the paper's table. The "
         "binomial test counts the concepts whose visual representation is most similar to its own textual one "
-        "(k of n) against chance 1/n. A layer is collapsed when one expert takes at least 99% of all tokens. "
-        "`analysis.json` and `captioning.json` carry every number with what it was computed on.",
+        "(k of n) against chance 1/n. "
+        + _collapse_text(analysis)
+        + " `analysis.json` and `captioning.json` carry every number with what it was computed on.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -356,7 +413,7 @@ def build_card(
             _architecture_section(config),
             _stages_section(markers) if markers else "",
             _routing_section(routing, figures),
-            _evaluation_section(data.eval_results or []),
+            _evaluation_section(data.eval_results or [], analysis),
             _files_section(files),
         ]
     )
@@ -369,6 +426,7 @@ __all__ = [
     "base_models",
     "build_card",
     "card_data",
+    "collapse_definitions",
     "datasets_from_recipes",
     "eval_results",
     "looks_like_hub_id",

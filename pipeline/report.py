@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+from analysis.load import HARD_COLLAPSE_THRESHOLD, SOFT_COLLAPSE_THRESHOLD
 from configuration.contract import (
     ANALYSIS_FILE,
     CAPTIONING_FILE,
@@ -287,7 +288,8 @@ def _grounding(analysis: dict) -> dict:
 
 def summary_rows(analyses: dict[str, dict], captioning: dict[str, dict]) -> list[dict]:
     """One row per analysed model: captioning, grounding, the diagonal of both matrices at the analysed (last)
-    layer, crossover and collapse. `binomial_*` are the raw (paper's) matrix, `diagonal` has both variants."""
+    layer, crossover and collapse (`collapsed`: hard, top-1 dispatch; `collapsed_soft`: mean router probability).
+    `binomial_*` are the raw (paper's) matrix, `diagonal` has both variants."""
     rows = []
     for stage in ("stage2", "stage3", "dense"):
         if stage not in analyses and stage not in captioning:
@@ -316,6 +318,7 @@ def summary_rows(analyses: dict[str, dict], captioning: dict[str, dict]) -> list
                 "layer": layer,
                 "crossover_pct": a.get("crossover", {}).get("increase_pct"),
                 "collapsed": a.get("load", {}).get("n_collapsed"),
+                "collapsed_soft": a.get("load", {}).get("n_collapsed_soft"),
                 "n_layers": a.get("load", {}).get("n_layers"),
             }
         )
@@ -368,6 +371,37 @@ def _binding_test(block: dict | None) -> dict | None:
         "interval": [float(interval.low), float(interval.high)],
         "n": n,
     }
+
+
+def collapse_definitions(load: dict | None) -> tuple[str, str]:
+    """(hard, soft) collapse definitions in words at the thresholds analysis.json's `load` used (the paper's 99 % of
+    top-1 dispatch and 90 % of mean router probability when it does not say; `analysis.load` defines both)."""
+    load = load or {}
+    hard = float(load.get("collapse_threshold", HARD_COLLAPSE_THRESHOLD))
+    soft = float(load.get("soft_collapse_threshold", SOFT_COLLAPSE_THRESHOLD))
+    return (
+        f"≥{hard:.0%} of all tokens' top-1 dispatch on one expert",
+        f"mean router probability ≥{soft:.0%} on one expert",
+    )
+
+
+def collapse_text(load: dict | None) -> str:
+    """Both collapse counts of one analysis.json `load` block, with their layers and definitions, hard (the paper's)
+    first."""
+    load = load or {}
+    hard_def, soft_def = collapse_definitions(load)
+    n = load.get("n_layers")
+
+    def count(key: str, layers_key: str) -> str:
+        if load.get(key) is None:
+            return "not measured"
+        layers = load.get(layers_key)
+        return f"{load[key]}/{n} layers" + (f" {layers}" if layers else "")
+
+    return (
+        f"hard (the paper's: {hard_def}): {count('n_collapsed', 'collapsed_layers')}; "
+        f"soft ({soft_def}): {count('n_collapsed_soft', 'collapsed_layers_soft')}"
+    )
 
 
 def comparison(rows: list[dict], analyses: dict[str, dict], checks: list[dict] | None = None) -> list[dict]:
@@ -438,18 +472,15 @@ def comparison(rows: list[dict], analyses: dict[str, dict], checks: list[dict] |
             {v: s3["diagonal"][v].get("k_over_n_ci") for v in found if v in s3["diagonal"]},
         )
     if s3 and s3.get("collapsed") is not None:
-        soft = analyses.get("stage3", {}).get("load", {}).get("n_collapsed_soft")
-        soft_text = (
-            f"; {soft}/{s3['n_layers']} under the soft definition (mean router probability ≥ 90% on one expert)"
-            if soft is not None
-            else ""
-        )
+        load3 = analyses.get("stage3", {}).get("load", {})
+        hard_def = collapse_definitions(load3)[0]
         add(
-            "Stage 3: most layers collapse to one expert (layer-level collapse)",
+            f"Stage 3: most layers collapse to one expert (layer-level collapse; judged by the paper's hard "
+            f"definition: {hard_def})",
             "the Stage 3 routers are trained (their weights moved), so the routing is theirs",
             passed.get(ROUTERS_MOVED_CHECK, False),
             f"the Stage 3 routers were not shown to have moved ({details.get(ROUTERS_MOVED_CHECK, 'no checkpoints compared')})",
-            f"{s3['collapsed']}/{s3['n_layers']} layers collapsed (≥99% of tokens on one expert){soft_text}",
+            collapse_text(load3),
             s3["collapsed"] > s3["n_layers"] / 2,
         )
     if "stage3" in analyses:
@@ -531,7 +562,11 @@ def _fmt_acc(value) -> str:
 
 def headline(rows: list[dict], analyses: dict[str, dict], run_dir: Path | None = None) -> dict[str, float]:
     """The numbers worth a seed interval, flat and stably named: `<model>_<metric>` ({stage2, stage3, dense}),
-    the diagonal at the analysed layer per matrix variant, and the vision probe. Only finite numbers."""
+    the diagonal at the analysed layer per matrix variant, collapse under both definitions
+    (`<model>_collapsed_layers`: hard, `<model>_collapsed_soft_layers`: soft), the vision probe, and Stage 3's last
+    logged routing per layer (`stage3_train_agreement_layer<i>`: share of training-batch dispatches that followed the
+    router's own argmax; `stage3_probe_logit_gap_layer<i>`: the held-out probe's mean logit gap, eval mode), when
+    its analysis.json has `routing_dynamics`. Only finite numbers."""
     out: dict[str, float] = {}
 
     def put(name, value):
@@ -565,6 +600,12 @@ def headline(rows: list[dict], analyses: dict[str, dict], run_dir: Path | None =
             binding = comp[max(comp, key=int)]["binding"]
             for kind in ("attribute", "object", "swap"):
                 put(f"{m}_binding_{kind}", (binding.get(kind) or {}).get("fraction"))
+    # The probe's own agreement is 1 by construction (eval mode dispatches the argmax), so it carries no number worth
+    # an interval: the training batches' agreement and the probe's logit gap do.
+    dynamics = analyses.get("stage3", {}).get("routing_dynamics") or {}
+    for layer, last in sorted((dynamics.get("layers") or {}).items(), key=lambda kv: int(kv[0])):
+        put(f"stage3_train_agreement_layer{layer}", last.get("train_agreement"))
+        put(f"stage3_probe_logit_gap_layer{layer}", last.get("probe_logit_gap"))
     if run_dir is not None:
         marker = Path(run_dir) / "pretrain" / COMPLETION_MARKER
         probe = json.loads(marker.read_text()).get("vision_probe") if marker.is_file() else None
@@ -574,9 +615,82 @@ def headline(rows: list[dict], analyses: dict[str, dict], run_dir: Path | None =
 
 
 # ----- writing ---------------------------------------------------------------------------------------------------
-def _img(path: Path) -> str:
+def _img(path: Path, caption: str | None = None, wide: bool = False) -> str:
+    """A PNG inlined as base64, captioned with its folder and name, then `caption`."""
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(path.parent.name)}: {html.escape(path.stem)}</figcaption></figure>'
+    text = f"{path.parent.name}: {path.stem}" + (f". {caption}" if caption else "")
+    style = " style='max-width:100%'" if wide else ""
+    return f'<figure{style}><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(text)}</figcaption></figure>'
+
+
+def routing_dynamics_caption(dynamics: dict) -> str:
+    """What the routing-dynamics figure (`analysis.figures.plot_routing_dynamics`) shows, at the collapse thresholds
+    `dynamics` (analysis.json's `routing_dynamics`) was computed with."""
+    hard = float(dynamics.get("collapse_threshold", HARD_COLLAPSE_THRESHOLD))
+    soft = float(dynamics.get("soft_collapse_threshold", SOFT_COLLAPSE_THRESHOLD))
+    return (
+        "Routing over the training steps of the stage, per layer (colour) and token group (rows: image, text, all "
+        "tokens): hard top-1 dispatch to expert 0, soft load of expert 0 (mean router probability) and the mean logit "
+        "gap (logit0 − logit1). Solid lines: the training batches as routed (Gumbel noise, router dropout); dashed "
+        "lines: a fixed held-out probe routed in eval mode (the routers' own decisions). Dotted lines: the collapse "
+        f"thresholds (hard dispatch ≥ {hard:.0%}, soft load ≥ {soft:.0%}); triangles: the first step each layer was "
+        "collapsed (filled: training batches, open: probe)."
+    )
+
+
+def _figure_path(run_dir: Path, model: str, dynamics: dict) -> Path | None:
+    """The routing-dynamics figure analysis.json names (`routing_dynamics.figure`), when it is on disk."""
+    name = dynamics.get("figure")
+    path = run_dir / "analysis" / model / name if name else None
+    return path if path is not None and path.is_file() else None
+
+
+def _dynamics_html(run_dir: Path, dynamics: dict) -> str:
+    """Stage 3's routing over training: the figure (wide), its caption, and per layer the first logged step collapsed
+    under each definition and the last logged agreement and probe logit gap (`dynamics`: analysis.json's
+    `routing_dynamics`)."""
+    png = _figure_path(run_dir, "stage3", dynamics)
+    if png is None and not dynamics.get("layers"):
+        return ""
+    parts = ["<h2>Stage 3 routing over training</h2>"]
+    if png is not None:
+        parts.append(_img(png, routing_dynamics_caption(dynamics), wide=True))
+    if dynamics.get("layers"):
+        probe = dynamics.get("probe") or {}
+        probe_text = (
+            f"probe: {probe.get('n_samples')} {probe.get('split')} records, eval mode"
+            if probe
+            else "no probe"
+        )
+        parts.append(
+            f"<p>{dynamics.get('n_logs')} logging steps ({dynamics.get('first_step')}–{dynamics.get('last_step')}); "
+            f"{html.escape(probe_text)}. First logged step at which each layer was collapsed (– = never): hard = "
+            f"top-1 dispatch ≥ {dynamics.get('collapse_threshold', HARD_COLLAPSE_THRESHOLD):.0%} on one expert, soft "
+            f"= mean router probability ≥ {dynamics.get('soft_collapse_threshold', SOFT_COLLAPSE_THRESHOLD):.0%}; "
+            "agreement: share of training-batch tokens dispatched to the router's own argmax (0.5 = noise decides); "
+            "probe gap: the probe's mean logit0 − logit1 at the last log.</p>"
+        )
+        parts.append(
+            "<table><tr><th>layer</th><th>hard (training)</th><th>soft (training)</th><th>hard (probe)</th>"
+            "<th>soft (probe)</th><th>agreement (training, last)</th><th>probe logit gap (last)</th></tr>"
+        )
+        for layer, d in sorted(dynamics["layers"].items(), key=lambda kv: int(kv[0])):
+            cells = [
+                _fmt(d.get(k))
+                for k in (
+                    "train_hard_first_step",
+                    "train_soft_first_step",
+                    "probe_hard_first_step",
+                    "probe_soft_first_step",
+                    "train_agreement",
+                    "probe_logit_gap",
+                )
+            ]
+            parts.append(
+                f"<tr><td>{html.escape(str(layer))}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+            )
+        parts.append("</table>")
+    return "\n".join(parts)
 
 
 def _fmt(value, digits=3):
@@ -609,6 +723,11 @@ def write_report(run_dir: str | Path, timings: dict[str, float], extra: dict | N
         "table": rows,
         "headline": headline(rows, analyses, run_dir),
         "concept_matrices": {name: diagonal_summary(a) for name, a in analyses.items()},
+        # Routing over training (collapse onsets under both definitions, last logged routing) of every model whose
+        # stage directory had a routing log.
+        "routing_dynamics": {
+            n: a["routing_dynamics"] for n, a in analyses.items() if a.get("routing_dynamics")
+        },
         "comparison_with_paper": statements,
         "paper": PAPER,
         "timings_seconds": timings,
@@ -674,7 +793,7 @@ def _html(report: dict, run_dir: Path) -> str:
     parts.append(
         "<table><tr><th>model</th><th>B-4</th><th>M</th><th>R-L</th><th>C</th><th>grounding shape</th>"
         "<th>grounding colour</th><th>raw k/n</th><th>raw p</th><th>centred k/n</th><th>centred p</th>"
-        "<th>crossover</th><th>collapsed layers</th></tr>"
+        "<th>crossover</th><th>collapsed layers (hard)</th><th>collapsed layers (soft)</th></tr>"
     )
     for r in report["table"]:
         cells = []
@@ -684,18 +803,21 @@ def _html(report: dict, run_dir: Path) -> str:
             cells.append(_fmt(d.get("p_binomial")) if d else "–")
         cross = f"{r['crossover_pct']:+.1f}%" if r["crossover_pct"] is not None else "–"
         coll = f"{r['collapsed']}/{r['n_layers']}" if r["collapsed"] is not None else "–"
+        soft = f"{r['collapsed_soft']}/{r['n_layers']}" if r.get("collapsed_soft") is not None else "–"
         parts.append(
             f"<tr><td>{r['model']}</td><td>{_fmt(r['Bleu_4'])}</td><td>{_fmt(r['METEOR'])}</td><td>{_fmt(r['ROUGE_L'])}</td>"
             f"<td>{_fmt(r['CIDEr'])}</td><td>{_fmt(r.get('grounding_shape'))}</td><td>{_fmt(r.get('grounding_colour'))}</td>"
             + "".join(f"<td>{c}</td>" for c in cells)
-            + f"<td>{cross}</td><td>{coll}</td></tr>"
+            + f"<td>{cross}</td><td>{coll}</td><td>{soft}</td></tr>"
         )
     parts.append(
         "</table><p>Captioning metrics ×100 (pycocoevalcap: PTB tokenizer, METEOR jar) on the Shapes test split; "
         "the paper's are on COCO Karpathy test (Stage 2: C 76.2, Stage 3: C 8.1) and are not comparable in absolute value. "
         "Grounding: share of captions of single-object test images whose shape (colour) words are exactly the "
         "object's. k/n: rows of the concept matrix whose maximum is on the diagonal, binomial test against 1/n; "
-        "raw = the paper's cosine matrix, centred = each modality's mean over concepts removed first.</p>"
+        "raw = the paper's cosine matrix, centred = each modality's mean over concepts removed first. Collapsed layers "
+        f"on the test samples, under both definitions: hard (the paper's) = {collapse_definitions(None)[0]}; soft "
+        f"(load as the authors' code measures it) = {collapse_definitions(None)[1]}.</p>"
     )
     parts.append(
         "<h2>Agreement with the paper</h2><table><tr><th>the paper</th><th>precondition</th><th>this run</th>"
@@ -714,10 +836,16 @@ def _html(report: dict, run_dir: Path) -> str:
         )
     parts.append("</table>")
     parts.append(_matrices_html(report.get("concept_matrices", {})))
+    dynamics = report.get("routing_dynamics") or {}
+    parts.append(_dynamics_html(run_dir, dynamics.get("stage3") or {}))
     parts.append("<h2>Figures</h2>")
     for name in ("stage2", "stage3", "dense"):
+        own = _figure_path(run_dir, name, dynamics.get(name) or {})
         for png in sorted((run_dir / "analysis" / name).glob("*.png")):
-            parts.append(_img(png))
+            if png != own:
+                parts.append(_img(png))
+            elif name != "stage3":  # Stage 3's has its own section above
+                parts.append(_img(png, routing_dynamics_caption(dynamics[name])))
     parts.append("<h2>Time per stage</h2><table><tr><th>step</th><th>seconds</th></tr>")
     for step, seconds in report["timings_seconds"].items():
         parts.append(f"<tr><td>{html.escape(step)}</td><td>{seconds:.1f}</td></tr>")

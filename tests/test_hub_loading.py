@@ -47,6 +47,7 @@ with torch.no_grad():
     out = model(**inputs, output_router_logits=True)
 torch.save({"logits": out.logits, "indices": out.router_indices, "module": type(model).__module__,
             "processor": type(processor).__name__, "config": type(config).__name__,
+            "chat_template": getattr(processor, "chat_template", None),
             "loading_info": {k: sorted(map(str, v)) for k, v in info.items()},
             "frozen": all(not p.requires_grad for p in model.model.vision_tower.parameters())}, out_file)
 """
@@ -85,7 +86,8 @@ def run_hidden(tmp_path: Path, script: str, args: list, extra: list = ()) -> sub
 
 def load_in_fresh_process(tmp_path: Path, folder: Path, inputs: dict) -> dict:
     """Run LOAD_SCRIPT on `folder` with `inputs` in a fresh process outside the repo (offline, project hidden) and
-    return what it recorded: logits, router indices, the classes it loaded and whether the tower is frozen."""
+    return what it recorded: logits, router indices, the classes it loaded, the processor's chat template and whether
+    the tower is frozen."""
     torch.save(inputs, tmp_path / "inputs.pt")
     run_hidden(tmp_path, LOAD_SCRIPT, [folder, tmp_path / "inputs.pt", tmp_path / "out.pt"])
     got = torch.load(tmp_path / "out.pt")
@@ -113,6 +115,8 @@ def test_save_and_remote_code_load_in_fresh_process(tmp_path, processor, red_ima
         expected = model(**inputs, output_router_logits=True)
     got = load_in_fresh_process(tmp_path, folder, inputs)
     assert got["processor"] == "MoeVlmProcessor" and got["config"] == "MoeVlmConfig"
+    # The processor's chat template travels as chat_template.jinja and is read back.
+    assert got["chat_template"] == processor.chat_template is not None
     assert got["frozen"]
     assert got["loading_info"]["missing_keys"] == got["loading_info"]["unexpected_keys"] == []
     torch.testing.assert_close(got["logits"], expected.logits)
@@ -147,10 +151,14 @@ def test_cli_init_and_route(tmp_path):
     )
     assert "image->e0" in result.stdout
     rows = [line.split("|") for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert len(rows) == 4
-    for row in rows:  # hard routing: all 64 image tokens on expert 0, none of the text tokens
+    assert [int(row[0]) for row in rows] == list(model.config.moe_layers)
+    # The image token count is the preset's (its tower's output; the config checks the two agree), read from the saved
+    # config rather than assumed; the saved processor expands each image to as many placeholders.
+    n_image = model.config.num_image_tokens
+    assert json.loads((out / "processor_config.json").read_text())["num_image_tokens"] == n_image
+    for row in rows:  # hard routing: every image token on expert 0, none of the text tokens
         image_e0, image_e1, text_e0 = (int(c) for c in row[1:4])
-        assert (image_e0, image_e1, text_e0) == (64, 0, 0)
+        assert (image_e0, image_e1, text_e0) == (n_image, 0, 0)
     bad = subprocess.run(
         [
             sys.executable,

@@ -52,7 +52,15 @@ ANALYSIS = {
     "model": "/somewhere/local/stage2",
     "probe": {"set": "concept_probe", "n_per_concept": 4},
     "binomial": {"0": {"k": 2, "n": 8, "p_value": 0.26}, "1": {"k": 6, "n": 8, "p_value": 8.52e-5}},
-    "load": {"n_layers": 2, "n_collapsed": 1},
+    "load": {
+        "n_layers": 2,
+        "n_collapsed": 1,
+        "collapsed_layers": [1],
+        "n_collapsed_soft": 0,
+        "collapsed_layers_soft": [],
+        "collapse_threshold": 0.99,
+        "soft_collapse_threshold": 0.9,
+    },
     "crossover": {"increase_pct": 12.5},
 }
 CAPTIONING = {
@@ -65,9 +73,11 @@ CAPTIONING = {
 EXPECTED_FILES = {
     "README.md", "config.json", "generation_config.json", "model.safetensors", "configuration_moe_vlm.py",
     "modeling_moe_vlm.py", "processing_moe_vlm.py", "processor_config.json", "tokenizer.json",
-    "tokenizer_config.json", "routing_stats.json", "analysis.json", "captioning.json",
+    "tokenizer_config.json", "chat_template.jinja", "routing_stats.json", "analysis.json", "captioning.json",
     "figures/expert_load.png", "figures/routing_stage1.png", "figures/routing_stage2.png",
 }  # fmt: skip
+# chat_template.jinja: the processor's chat template (Stage 3's prompt format), which `save_pretrained` writes beside
+# processor_config.json; without it a downloader's processor has no `apply_chat_template`.
 
 
 def _write_marker(directory: Path, **marker) -> None:
@@ -139,6 +149,8 @@ def test_dry_run_stages_exactly_the_repository(run_dir, dry_run):
     assert "dry run" in out and all(name in out for name in EXPECTED_FILES)
     source = run_dir / "stage2" / "model.safetensors"
     assert (folder / "model.safetensors").read_bytes() == source.read_bytes()
+    template = (run_dir / "stage2" / "chat_template.jinja").read_text()
+    assert (folder / "chat_template.jinja").read_text() == template and "[INST]" in template
     assert json.loads((folder / "analysis.json").read_text())["model"] == REPO_ID
     for name in listed_files(folder):  # the publisher's local paths stay home
         if name.endswith((".json", ".md")):
@@ -155,6 +167,7 @@ def test_dry_run_folder_loads_remote_code_in_fresh_process(tmp_path, run_dir, dr
         expected = source(**inputs, output_router_logits=True)
     got = load_in_fresh_process(tmp_path, folder, inputs)
     assert got["processor"] == "MoeVlmProcessor"
+    assert got["chat_template"] == processor.chat_template is not None  # the downloaded processor can chat
     torch.testing.assert_close(got["logits"], expected.logits)
     for a, b in zip(got["indices"], expected.router_indices):
         assert torch.equal(a, b)
@@ -231,8 +244,17 @@ def test_card_parses_with_its_metadata(dry_run):
         "binomial_k": 6,  # the last layer's test
         "p_value": 8.52e-5,
         "collapsed_layers": 1,
+        "collapsed_layers_soft": 0,
         "crossover_loss_increase": 12.5,
     }
+    names = {r.metric_type: r.metric_name for r in data.eval_results}
+    assert (
+        names["collapsed_layers"]
+        == "collapsed layers of 2 (hard: one expert takes >= 99% of all tokens' top-1 dispatch)"
+    )
+    assert names["collapsed_layers_soft"] == (
+        "collapsed layers of 2 (soft: one expert's mean router probability over all tokens is >= 90%)"
+    )
     model_index = data.to_dict()["model-index"]
     assert eval_results_to_model_index(*model_index_to_eval_results(model_index)) == model_index
     assert model_index[0]["name"] == "tiny-moe-vlm"
@@ -242,6 +264,30 @@ def test_card_parses_with_its_metadata(dry_run):
     for figure in ("figures/expert_load.png", "figures/routing_stage2.png"):
         assert f"]({figure})" in text
     assert "| 0 | 0.5 | 0.5 | 0 | 1 | 0.45 |" in text  # layer 0's last logged load
+    assert "This checkpoint: hard 1/2 (layers [1]), soft 0/2." in text  # collapse under both definitions
+
+
+def test_card_captions_the_routing_dynamics_figure_and_reads_the_thresholds():
+    from hub.card import build_card
+
+    load = {"n_layers": 4, "n_collapsed": 3, "collapsed_layers": [0, 1, 3], "n_collapsed_soft": 1,
+            "collapsed_layers_soft": [3], "collapse_threshold": 0.95, "soft_collapse_threshold": 0.8}  # fmt: skip
+    card = build_card(
+        REPO_ID,
+        markers=[{"stage": "3", "name": "unified fine-tuning"}],
+        config={"num_hidden_layers": 4},
+        routing={},
+        analysis={"load": load},
+        figures=["figures/routing_dynamics.png", "figures/expert_load.png"],
+    )
+    text = card.text
+    assert "![routing_dynamics](figures/routing_dynamics.png)\n\n*Routing over the training steps" in text
+    assert "dashed: a fixed held-out probe routed in eval mode" in text
+    assert "![expert_load](figures/expert_load.png)\n\n*" not in text  # its name says what it is
+    assert ">= 95% of all tokens' top-1 dispatch" in text and "is >= 80%" in text
+    assert "This checkpoint: hard 3/4 (layers [0, 1, 3]), soft 1/4 (layers [3])." in text
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics == {"collapsed_layers": 3, "collapsed_layers_soft": 1}
 
 
 # ----- a mock Hub: huggingface_hub's own client, answered offline ----------------------------------------------------
@@ -405,6 +451,7 @@ def test_upload_commits_exactly_the_dry_run_files(run_dir, dry_run, mock_hub, tm
     dry_folder = dry_run[0]
     committed = mock_hub.committed()
     assert set(committed) == set(listed_files(dry_folder))  # the same files as the dry run
+    assert committed["chat_template.jinja"]["key"] == "file"  # a small text file, committed inline
     digests = _digests(dry_folder)
     for name, item in committed.items():
         if item["key"] == "file":

@@ -143,6 +143,7 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
         if not args.keep_checkpoints:
             remove_checkpoints(out)
         losses = _logged_losses(trainer.state.log_history)
+        probe = getattr(trainer, "routing_probe", None)  # the dense control has no router to probe
         write_resolved_recipe(recipe, out)
         write_marker(
             out,
@@ -158,9 +159,11 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
                 "trainable": trainer.trainable_groups,
                 "router_mode": model.config.router_mode if model.config.moe_layers else None,
                 "train_split": split,
-                "n_train_records": len(dataset),
+                # What was trained on: the routing probe may have held records out of the training split.
+                "n_train_records": len(trainer.train_dataset),
                 "world_size": training.world_size,
                 "changed_params_check": check,
+                **({"routing_probe": probe.info()} if probe is not None else {}),
             },
         )
     return out
