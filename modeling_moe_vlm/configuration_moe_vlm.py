@@ -13,8 +13,13 @@ from transformers import MistralConfig, PreTrainedConfig
 
 ROUTER_MODES = ("hard", "gumbel", "softmax", "modality_aware")
 CONNECTOR_TYPES = ("linear", "mlp2x_gelu")
+ROUTER_DROPOUT_PLACES = ("logits", "input")
 # The token modalities (equal to `configuration.contract.MODALITIES`: remote code cannot import it; a test checks).
 MODALITIES = ("image", "text")
+# open_clip's ModifiedResNet: the stem divides the side by 4 and stages 2-4 by 2 each (32 in all); its Bottleneck
+# blocks widen the stage's planes by 4.
+RESNET_STRIDE = 32
+RESNET_EXPANSION = 4
 IMAGE_TEXT_TO_TEXT_AUTO_MAP = {"AutoModelForImageTextToText": "modeling_moe_vlm.MoeVlmForCausalLM"}
 
 
@@ -30,6 +35,8 @@ class MoeVlmVisionConfig(PreTrainedConfig):
         pretrained (`str`, *optional*): open_clip pretrained tag, e.g. `"openai"` (only used when upcycling).
         embed_dim (`int`, *optional*): CLIP joint embedding size (the tower's output projection).
         vision_cfg (`dict`, *optional*): open_clip `CLIPVisionCfg` fields (`image_size`, `patch_size`, `width`, ...).
+            `layers` as one number builds a ViT; as a list of blocks per stage, open_clip's `ModifiedResNet` (the
+            conv tower of CLIP RN50; the embedded default uses one, since a ViT this small does not learn shape).
         quick_gelu (`bool`): OpenAI CLIP weights were trained with QuickGELU.
         image_mean / image_std (`list[float]`, *optional*): normalisation the processor applies (OpenAI CLIP's by
             default).
@@ -64,14 +71,20 @@ class MoeVlmVisionConfig(PreTrainedConfig):
             self.quick_gelu = bool(resolved.get("quick_gelu", False)) or self.quick_gelu
         # OpenAI's CLIP weights were trained with QuickGELU; open_clip warns and degrades without it.
         self.quick_gelu = self.quick_gelu or self.pretrained == "openai"
-        for key in ("image_size", "patch_size", "width", "layers"):
+        required = ("image_size", "width", "layers") + (() if self.is_resnet else ("patch_size",))
+        for key in required:
             if key not in self.vision_cfg:
                 raise ValueError(
                     f"vision_cfg must define {key!r} (open_clip CLIPVisionCfg field); got {self.vision_cfg}"
                 )
         if self.embed_dim is None:
             self.embed_dim = self.vision_cfg["width"]
-        if self.image_size % self.patch_size:
+        if self.is_resnet and self.image_size % RESNET_STRIDE:
+            raise ValueError(
+                f"a ResNet tower (vision_cfg.layers={list(self.vision_cfg['layers'])}) needs image_size divisible "
+                f"by {RESNET_STRIDE}, got {self.image_size}"
+            )
+        if not self.is_resnet and self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
@@ -86,21 +99,53 @@ class MoeVlmVisionConfig(PreTrainedConfig):
         return size[0] if isinstance(size, (list, tuple)) else size
 
     @property
+    def is_resnet(self) -> bool:
+        """open_clip builds a `ModifiedResNet` (the conv tower of CLIP RN50) when `vision_cfg.layers` is a list of
+        blocks per stage, a `VisionTransformer` when it is one number."""
+        return isinstance(self.vision_cfg["layers"], (list, tuple))
+
+    @property
     def patch_size(self) -> int:
-        return self.vision_cfg["patch_size"]
+        """The ViT's patch side; a ResNet's tokens are one feature-map cell, `feature_stride(...)` pixels wide."""
+        return self.vision_cfg["patch_size"] if not self.is_resnet else self.feature_stride(-1)
 
     @property
     def width(self) -> int:
-        """Width of the transformer blocks, i.e. the size of the patch tokens the connector receives."""
+        """Width of the transformer blocks (ViT) or of the stem (ResNet): open_clip's `vision_cfg.width`."""
         return self.vision_cfg["width"]
 
     @property
     def num_layers(self) -> int:
-        return self.vision_cfg["layers"]
+        """Blocks `vision_feature_layer` indexes: the ViT's transformer blocks, or the ResNet's stages (stem and
+        `len(layers)` residual stages, as `ModifiedResNet.forward_intermediates` counts them)."""
+        return len(self.vision_cfg["layers"]) + 1 if self.is_resnet else self.vision_cfg["layers"]
 
     @property
     def num_patches(self) -> int:
+        """The ViT's patch count (CLS excluded)."""
         return (self.image_size // self.patch_size) ** 2
+
+    def _stage(self, feature_layer: int) -> int:
+        return feature_layer % self.num_layers
+
+    def feature_stride(self, feature_layer: int) -> int:
+        """Pixels per token side of block `feature_layer` (ResNet: the stem divides by 4, each later stage but
+        the first by 2 more)."""
+        if not self.is_resnet:
+            return self.vision_cfg["patch_size"]
+        return 4 * 2 ** max(self._stage(feature_layer) - 1, 0)
+
+    def feature_width(self, feature_layer: int) -> int:
+        """Channels of the tokens block `feature_layer` yields (what the connector receives). ResNet: the stem
+        has `width` channels and residual stage i (1-based) `width * 2**(i-1) * 4` (Bottleneck expansion 4)."""
+        if not self.is_resnet:
+            return self.width
+        stage = self._stage(feature_layer)
+        return self.width if stage == 0 else self.width * 2 ** (stage - 1) * RESNET_EXPANSION
+
+    def num_feature_tokens(self, feature_layer: int) -> int:
+        """Tokens per image block `feature_layer` yields: ViT patches (CLS removed) or ResNet feature-map cells."""
+        return (self.image_size // self.feature_stride(feature_layer)) ** 2
 
 
 @strict
@@ -117,7 +162,16 @@ class MoeVlmConfig(MistralConfig):
             softmax, Mixtral/Switch style) or `modality_aware` (a learned embedding of each token's modality, projected
             to one term per expert, is added to the router's logits, then routed like `gumbel`). Switchable on a loaded model with `model.set_router_mode(...)`.
         gumbel_tau (`float`): Gumbel-softmax temperature.
-        router_dropout (`float`): dropout on the router's input during training.
+        router_init_std (`float`, *optional*): std of the normal the router weight (and the `modality_aware`
+            projection) is initialised from. `None` (the default) takes `initializer_range` (0.02), which is what
+            every config saved before this field existed was initialised with, and is recorded resolved, so a saved
+            config says the value used. The authors' code uses 0.05 (the paper preset sets it).
+        router_dropout (`float`): dropout probability in the router during training (0: none; the authors: 0.1).
+        router_dropout_on (`str`, defaults to `"logits"`): where that dropout acts: `"logits"` (the authors' code:
+            on the router's logits, before the Gumbel sample or softmax) or `"input"` (on the hidden states the
+            router reads, the placement used before this field existed; configs saved then all had dropout 0, so
+            they route the same under either). Dropout changes the routing decision only: the recorded
+            `router_logits` are the router's own, before dropout and noise.
         modality_to_expert (`dict`): `{"image": 0, "text": 1}` by default (the vision expert is expert 0). Configs
             saved before the modality was called "image" everywhere (key `"vision"`) load unchanged.
         modality_embed_dim (`int`): size of the learned modality embedding of the `modality_aware` router.
@@ -128,7 +182,9 @@ class MoeVlmConfig(MistralConfig):
         output_router_logits (`bool`): return per-layer router logits and chosen experts.
     Vision args:
         vision_config (`MoeVlmVisionConfig` or dict): the open_clip tower; `None` gives a text-only model.
-        vision_feature_layer (`int`, defaults to -2): transformer block whose patch tokens feed the connector.
+        vision_feature_layer (`int`, defaults to -2): block whose tokens feed the connector: a ViT's transformer
+            block (patch tokens, CLS removed) or a ResNet's stage (0 = stem, then the residual stages; its feature
+            map's cells, row by row).
         image_token_id (`int`, defaults to 10): the placeholder id (`[IMG]` in the Mistral v0.3 vocabulary).
         num_image_tokens (`int`, *optional*): placeholders per image; must equal the tower's patch count.
         connector_type (`str`): `linear` (the paper) or `mlp2x_gelu` (LLaVA-1.5 and the authors' code).
@@ -160,7 +216,9 @@ class MoeVlmConfig(MistralConfig):
     moe_layers: list[int] | None = None
     router_mode: str = "hard"
     gumbel_tau: float | int = 1.0
+    router_init_std: float | int | None = None
     router_dropout: float | int = 0.0
+    router_dropout_on: str = "logits"
     modality_to_expert: dict | None = None
     modality_embed_dim: int = 16
     router_aux_loss_coef: float | int = 0.0
@@ -188,8 +246,10 @@ class MoeVlmConfig(MistralConfig):
             mapping["image"] = mapping.pop("vision")
             self.modality_to_expert = mapping
         if self.vision_config is not None and self.num_image_tokens is None:
-            self.num_image_tokens = self.vision_config.num_patches
+            self.num_image_tokens = self.vision_config.num_feature_tokens(self.vision_feature_layer)
         super().__post_init__(**kwargs)
+        if self.router_init_std is None:  # resolved here so the saved config records the std actually used
+            self.router_init_std = self.initializer_range
         # A VLM is reached through AutoModelForImageTextToText (and `pipeline("image-text-to-text")`) as well as
         # AutoModelForCausalLM; `register_for_auto_class` records one Auto class per class, and save_pretrained adds
         # that one (and AutoConfig) to whatever `auto_map` the config holds, so the second entry starts here.
@@ -227,6 +287,12 @@ class MoeVlmConfig(MistralConfig):
             raise ValueError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
         if not 0 <= self.router_dropout < 1:
             raise ValueError(f"router_dropout must be in [0, 1), got {self.router_dropout}")
+        if self.router_dropout_on not in ROUTER_DROPOUT_PLACES:
+            raise ValueError(
+                f"router_dropout_on must be one of {ROUTER_DROPOUT_PLACES}, got {self.router_dropout_on!r}"
+            )
+        if self.router_init_std is not None and self.router_init_std < 0:
+            raise ValueError(f"router_init_std must be >= 0, got {self.router_init_std}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_specialisation_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -246,11 +312,13 @@ class MoeVlmConfig(MistralConfig):
                 raise ValueError(
                     f"vision_feature_layer {self.vision_feature_layer} is out of range for a {n_layers}-block vision tower"
                 )
-            if self.num_image_tokens != self.vision_config.num_patches:
+            n_tokens = self.vision_config.num_feature_tokens(self.vision_feature_layer)
+            if self.num_image_tokens != n_tokens:
+                stride = self.vision_config.feature_stride(self.vision_feature_layer)
                 raise ValueError(
-                    f"num_image_tokens={self.num_image_tokens} but the vision tower yields "
-                    f"{self.vision_config.num_patches} patch tokens ({self.vision_config.image_size}px / patch "
-                    f"{self.vision_config.patch_size}); make them equal"
+                    f"num_image_tokens={self.num_image_tokens} but the vision tower yields {n_tokens} tokens per "
+                    f"image at vision_feature_layer={self.vision_feature_layer} ({self.vision_config.image_size}px "
+                    f"/ {stride}px per token, squared); make them equal"
                 )
             if self.num_image_tokens >= self.max_position_embeddings:
                 raise ValueError(
@@ -274,4 +342,4 @@ class MoeVlmConfig(MistralConfig):
             )
 
 
-__all__ = ["MoeVlmConfig", "MoeVlmVisionConfig", "ROUTER_MODES", "CONNECTOR_TYPES"]
+__all__ = ["MoeVlmConfig", "MoeVlmVisionConfig", "ROUTER_MODES", "CONNECTOR_TYPES", "ROUTER_DROPOUT_PLACES"]

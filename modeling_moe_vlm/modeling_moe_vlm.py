@@ -94,6 +94,12 @@ class MoeVlmRouter(nn.Module):
 
     The weight a token's expert output is multiplied by carries the router's gradient: in `gumbel` mode it is the
     straight-through gate (value 1, gradient of the soft sample); a constant 1 would leave the router untrained.
+
+    Dropout (`config.router_dropout`, training only) acts where `config.router_dropout_on` says: on the logits the
+    decision is taken from (the authors' code) or on the router's input. Like the Gumbel noise it perturbs the
+    decision only: the returned logits are the router's own (no dropout, no noise), so routing statistics, the
+    router losses and the noise-free argmax all read what the router itself says. Read from the config at each
+    call, so a stage can change it on a loaded model (as it does `gumbel_tau`).
     """
 
     def __init__(self, config: MoeVlmConfig):
@@ -105,30 +111,38 @@ class MoeVlmRouter(nn.Module):
         # to one logit per expert: the router's input is unchanged, so this is a learned per-modality bias.
         self.modality_embedding = nn.Embedding(2, config.modality_embed_dim)
         self.modality_proj = nn.Linear(config.modality_embed_dim, config.num_experts, bias=False)
-        self.dropout = nn.Dropout(config.router_dropout)
         # Crossover test switch: send every token to the other expert ((index + 1) mod E). Not saved.
         self.invert = False
 
     def forward(self, hidden_states: torch.Tensor, is_image: torch.Tensor):
         # hidden_states: (tokens, hidden); is_image: (tokens,) bool
         mode = self.config.router_mode
-        logits = F.linear(self.dropout(hidden_states), self.weight)  # (tokens, E)
+        p = self.config.router_dropout if self.training and mode != "hard" else 0.0
+        on_input = p > 0 and self.config.router_dropout_on == "input"
+        logits = F.linear(hidden_states, self.weight)  # (tokens, E): the router's own logits, returned
         if mode == "modality_aware":
-            logits = logits + self.modality_proj(self.modality_embedding(is_image.long()))
+            modality_term = self.modality_proj(self.modality_embedding(is_image.long()))  # (tokens, E)
+            logits = logits + modality_term
+        decide = logits  # what the decision is taken from: the logits, perturbed by dropout in training
+        if on_input:
+            decide = F.linear(F.dropout(hidden_states, p), self.weight)
+            decide = decide + modality_term if mode == "modality_aware" else decide
+        elif p > 0:
+            decide = F.dropout(logits, p)
         if mode == "hard":
             vision, text = self.config.modality_to_expert["image"], self.config.modality_to_expert["text"]
             index = torch.where(is_image, vision, text).unsqueeze(-1)  # (tokens, 1)
             weights = torch.ones_like(index, dtype=hidden_states.dtype)
         elif mode == "softmax":
-            probs = logits.float().softmax(dim=-1)
+            probs = decide.float().softmax(dim=-1)
             weights, index = probs.topk(self.config.num_experts_per_tok, dim=-1)
             if self.config.num_experts_per_tok > 1:  # Mixtral renormalises top-k; top-1 keeps p (Switch) so
                 weights = weights / weights.sum(dim=-1, keepdim=True)  # the router still gets a gradient
         else:  # gumbel, modality_aware: straight-through Gumbel-softmax top-1; argmax without noise in eval
             if self.training:
-                gates = F.gumbel_softmax(logits.float(), tau=self.config.gumbel_tau, hard=True)  # (tokens, E)
+                gates = F.gumbel_softmax(decide.float(), tau=self.config.gumbel_tau, hard=True)  # (tokens, E)
             else:
-                gates = F.one_hot(logits.argmax(dim=-1), self.num_experts).float()
+                gates = F.one_hot(decide.argmax(dim=-1), self.num_experts).float()
             index = gates.argmax(dim=-1, keepdim=True)
             weights = gates.gather(-1, index)  # value 1, gradient through the soft sample
         if self.invert:
@@ -198,8 +212,9 @@ class MoeVlmDecoderLayer(MistralDecoderLayer):
 
 
 class MoeVlmVisionTower(nn.Module):
-    """open_clip ViT (frozen in every stage of the paper). Yields the patch tokens (CLS removed) of block
-    `vision_feature_layer` (penultimate by default, as LLaVA)."""
+    """open_clip vision tower (frozen in every stage of the paper): a ViT, whose patch tokens (CLS removed) of block
+    `vision_feature_layer` (penultimate by default, as LLaVA) feed the connector, or a `ModifiedResNet`, whose
+    stage-`vision_feature_layer` feature map feeds it cell by cell (row-major), as a grid of tokens."""
 
     def __init__(self, config: MoeVlmConfig):
         super().__init__()
@@ -211,14 +226,25 @@ class MoeVlmVisionTower(nn.Module):
             vision.embed_dim, vision.vision_cfg, vision.quick_gelu
         )
         self.feature_layer = config.vision_feature_layer
+        self.is_resnet = vision.is_resnet
+        self.frozen = config.freeze_vision_tower
+
+    def train(self, mode: bool = True):
+        """A frozen tower stays in eval mode: `requires_grad_(False)` stops its weights, but in training mode a
+        ResNet's BatchNorm would still move its running statistics (and a ViT's dropout would still fire), so the
+        "frozen" features would drift during every stage."""
+        return super().train(mode and not self.frozen)
 
     def forward(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
     ) -> BaseModelOutput:
-        """(images, 3, S, S) -> `last_hidden_state` (images, patches, width): the patch tokens of block
-        `vision_feature_layer`. With `output_hidden_states`, every block runs and `hidden_states` holds the block
-        inputs and outputs, CLS included, as transformers' vision towers return them (embeddings + one per block);
-        with `output_attentions`, `attentions` holds each block's (images, heads, tokens, tokens) weights."""
+        """(images, 3, S, S) -> `last_hidden_state` (images, tokens, channels): the tokens of block
+        `vision_feature_layer`. With `output_hidden_states`, every block runs and `hidden_states` holds, for a ViT,
+        the block inputs and outputs, CLS included, as transformers' vision towers return them (embeddings + one per
+        block), for a ResNet each stage's feature map as (images, cells, channels); with `output_attentions`, a
+        ViT's `attentions` holds each block's (images, heads, tokens, tokens) weights (a ResNet has none)."""
+        if self.is_resnet:
+            return self._resnet_forward(pixel_values, output_hidden_states)
         hidden, attentions = [], []
         handles = self._record(hidden, attentions, output_hidden_states, output_attentions)
         try:
@@ -236,6 +262,20 @@ class MoeVlmVisionTower(nn.Module):
             last_hidden_state=out["image_intermediates"][0],
             hidden_states=tuple(hidden) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
+        )
+
+    def _resnet_forward(self, pixel_values: torch.Tensor, output_hidden_states: bool) -> BaseModelOutput:
+        # ModifiedResNet.forward_intermediates returns NCHW maps only; the stages are indexed stem, layer1..layer4.
+        out = self.visual.forward_intermediates(
+            pixel_values,
+            indices=None if output_hidden_states else [self.feature_layer],
+            stop_early=not output_hidden_states,
+            intermediates_only=True,
+        )
+        maps = [m.flatten(2).transpose(1, 2) for m in out["image_intermediates"]]  # (images, H*W, C) each
+        chosen = maps[self.feature_layer % len(maps)] if output_hidden_states else maps[0]
+        return BaseModelOutput(
+            last_hidden_state=chosen, hidden_states=tuple(maps) if output_hidden_states else None
         )
 
     def _record(self, hidden: list, attentions: list, want_hidden: bool, want_attentions: bool) -> list:
@@ -272,7 +312,7 @@ class MoeVlmConnector(nn.Module):
 
     def __init__(self, config: MoeVlmConfig):
         super().__init__()
-        in_dim = config.vision_config.width
+        in_dim = config.vision_config.feature_width(config.vision_feature_layer)
         self.linear_1 = nn.Linear(in_dim, config.hidden_size)
         if config.connector_type == "mlp2x_gelu":
             self.act = nn.GELU()
@@ -326,8 +366,11 @@ class MoeVlmPreTrainedModel(MistralPreTrainedModel):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, MoeVlmRouter):
-            init.normal_(module.weight, mean=0.0, std=std)
-            init.normal_(module.modality_proj.weight, mean=0.0, std=std)
+            # The router has its own std (the authors': 0.05); None in a config resolves to initializer_range.
+            router_std = self.config.router_init_std
+            router_std = std if router_std is None else router_std
+            init.normal_(module.weight, mean=0.0, std=router_std)
+            init.normal_(module.modality_proj.weight, mean=0.0, std=router_std)
             init.normal_(module.modality_embedding.weight, mean=0.0, std=1.0)
         elif type(module).__module__.startswith("open_clip") and not isinstance(module, _INITIALISED_BY_BASE):
             # open_clip's bare parameters (the ViT's class and positional embeddings and projection, the ResNet's

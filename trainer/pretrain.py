@@ -20,6 +20,7 @@ import bisect
 import copy
 import dataclasses
 import math
+import random
 import time
 from pathlib import Path
 
@@ -74,6 +75,41 @@ class CaptionPairs(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = bisect.bisect_right(self.offsets, i) - 1
         return {"image": self.split[row]["image"], "caption": self.references[row][i - self.offsets[row]]}
+
+
+class FreshCaptionPairs(Dataset):
+    """`n` Shapes scenes rendered on demand, one caption each. Item i is drawn from its own random stream
+    (`moe-vlm-clip-pretrain/<seed>/<i>`), so it is the same on every call (a resumed run sees the same data) and no
+    image repeats within a run; read in order (the order is random by construction).
+
+    Streaming fresh images, and blocks of `colour_group` consecutive items whose first object shares one colour, are
+    what let the tiny tower learn shape: on the 4,000 fixed training images, with random batches, it learnt colour
+    only (DESIGN.md, "Turn-3 facts"). Within a block the contrastive loss cannot tell the pairs apart by colour,
+    so each image's hardest in-batch negatives differ in shape (blocks align with batches when the batch size is a
+    multiple of `colour_group`)."""
+
+    def __init__(self, n: int, seed: int, image_size: int, colour_group: int = 1):
+        self.n, self.seed, self.image_size, self.colour_group = n, seed, image_size, max(int(colour_group), 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def scene(self, i: int):
+        from .data.shapes import COLOURS, random_scene
+
+        rng = random.Random(f"moe-vlm-clip-pretrain/{self.seed}/{i}")
+        if self.colour_group == 1:
+            return random_scene(rng), rng
+        block = random.Random(f"moe-vlm-clip-pretrain/{self.seed}/block/{i // self.colour_group}")
+        n_objects = rng.choice((1, 2))
+        colours = [block.choice(list(COLOURS))] + [rng.choice(list(COLOURS)) for _ in range(n_objects - 1)]
+        return random_scene(rng, n_objects, colours=colours), rng
+
+    def __getitem__(self, i: int) -> dict:
+        from .data.shapes import captions, render_scene
+
+        scene, rng = self.scene(i)
+        return {"image": render_scene(scene, self.image_size), "caption": captions(scene, rng, 1)[0]}
 
 
 class ClipCollator:
@@ -144,6 +180,24 @@ def retrieval_accuracy(clip, collator: ClipCollator, split, batch_size: int = 12
         "chance_top1": float(same.float().mean()),
         "n_pairs": len(captions),
     }
+
+
+def _vision_probe(clip, config: MoeVlmConfig, processor, clip_collator: ClipCollator, seed: int) -> dict:
+    """`trainer.vision_probe` on the VLM's own feature path: a `MoeVlmVisionTower` sharing `clip.visual`."""
+    from modeling_moe_vlm.modeling_moe_vlm import MoeVlmVisionTower
+
+    from .vision_probe import vision_probe
+
+    tower = MoeVlmVisionTower(config)
+    tower.visual = clip.visual
+    return vision_probe(
+        clip,
+        tower,
+        processor.image_processor,
+        clip_collator.text_tokenizer,
+        config.vision_config.image_size,
+        seed,
+    )
 
 
 # ----- language model -----------------------------------------------------------------------------------------------
@@ -245,18 +299,31 @@ def run_pretraining(recipe: Recipe, callbacks=()) -> Path:
     clip_before = retrieval_accuracy(clip, clip_collator, validation)
     clip_dir = out / "clip_run"
     t0 = time.perf_counter()
+    clip_args = _sub_run(
+        training, clip_dir, pretrain.clip_max_steps, pretrain.clip_learning_rate, pretrain.clip_batch_size
+    )
+    if pretrain.clip_fresh_images:
+        n_pairs = pretrain.clip_max_steps * pretrain.clip_batch_size * training.world_size
+        clip_data = FreshCaptionPairs(n_pairs, training.seed, image_size, pretrain.clip_colour_group)
+        clip_args.train_sampling_strategy = "sequential"  # keeps the colour blocks together in a batch
+    else:
+        clip_data = CaptionPairs(train_split)
     clip_trainer = ClipPretrainer(
         model=clip,
-        args=_sub_run(
-            training, clip_dir, pretrain.clip_max_steps, pretrain.clip_learning_rate, pretrain.clip_batch_size
-        ),
-        train_dataset=CaptionPairs(train_split),
+        args=clip_args,
+        train_dataset=clip_data,
         data_collator=clip_collator,
         callbacks=list(callbacks),
     )
     clip_result = clip_trainer.train(resume_from_checkpoint=_resume_point(training, clip_dir))
     clip_seconds = time.perf_counter() - t0
     clip_after = retrieval_accuracy(clip, clip_collator, validation)
+    probe = _vision_probe(clip, config, processor, clip_collator, training.seed)
+    print(
+        f"[pretrain] vision probe on fresh renders: shape {probe['shape_accuracy']:.3f}, colour "
+        f"{probe['colour_accuracy']:.3f}, zero-shot shape {probe['zero_shot_shape_accuracy']:.3f}",
+        flush=True,
+    )
 
     # The dense Mistral: causal LM on Shapes text.
     torch.manual_seed(training.seed)
@@ -305,6 +372,7 @@ def run_pretraining(recipe: Recipe, callbacks=()) -> Path:
                     "retrieval_before": clip_before,
                     "retrieval": clip_after,
                 },
+                "vision_probe": probe,
                 "lm": {
                     "steps": lm_trainer.state.global_step,
                     "train_loss": lm_result.training_loss,
@@ -323,6 +391,7 @@ __all__ = [
     "MISTRAL_DIR",
     "CaptionPairs",
     "ClipCollator",
+    "FreshCaptionPairs",
     "ClipPretrainer",
     "build_clip",
     "packed_blocks",

@@ -129,6 +129,33 @@ class StageArguments:
             "help": "penalise the router for leaving the Stage 2 expert roles (the paper's future work 2)"
         },
     )
+    router_dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "dropout probability in the routers during training, where the model config's "
+            "router_dropout_on says (default `logits`, the authors' placement); unset: the model's value (0 unless "
+            "its config says otherwise; the authors' Stage 3: 0.1)"
+        },
+    )
+    router_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "learning rate of the router parameters, an optimizer param group of their own that follows "
+            "the same schedule (unset: the stage's learning_rate)"
+        },
+    )
+    routing_probe_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "split of the stage's dataset whose first routing_probe_samples records are routed in eval "
+            "mode (no Gumbel noise, no dropout) at every logging step and logged beside the training-batch "
+            "routing: whether decisions are the router's own. The train split itself: its last records are held "
+            "out of training for it (so with `llava`, which has one split, always). Unset or `none`: no probe"
+        },
+    )
+    routing_probe_samples: int = field(
+        default=32, metadata={"help": "records in the routing probe (a few dozen: it runs at every log)"}
+    )
     dense_expert: int = field(
         default=0, metadata={"help": "dense control: the expert whose weights become the MLP"}
     )
@@ -148,6 +175,15 @@ class StageArguments:
 
     def __post_init__(self):
         check_stage(self.stage)
+        if self.router_learning_rate is not None and self.router_learning_rate <= 0:
+            raise ValueError(f"router_learning_rate must be > 0, got {self.router_learning_rate}")
+        if self.router_dropout is not None and not 0 <= self.router_dropout < 1:
+            raise ValueError(f"router_dropout must be in [0, 1), got {self.router_dropout}")
+        # `--routing_probe_split none` on the command line: no probe.
+        if str(self.routing_probe_split).lower() in ("", "none", "null"):
+            self.routing_probe_split = None
+        if self.routing_probe_samples < 1:
+            raise ValueError(f"routing_probe_samples must be >= 1, got {self.routing_probe_samples}")
         embedded = embedded_recipe(self.stage)
         for name in STAGE_CHOSEN_FIELDS:
             if not getattr(self, name) and name in embedded:  # unset (or empty, as `x or default` treated it)
@@ -181,6 +217,19 @@ class PretrainArguments:
         default=None, metadata={"help": "attention heads of CLIP's text tower"}
     )
     clip_context_length: int | None = field(default=None, metadata={"help": "CLIP text tokens"})
+    clip_fresh_images: bool | None = field(
+        default=None,
+        metadata={
+            "help": "train CLIP on scenes rendered fresh for every pair (True) or on the Shapes train split (False)"
+        },
+    )
+    clip_colour_group: int | None = field(
+        default=None,
+        metadata={
+            "help": "with fresh images: consecutive pairs whose first object shares a colour (1: independent), so "
+            "in-batch negatives differ in shape"
+        },
+    )
     lm_max_steps: int | None = field(default=None, metadata={"help": "dense Mistral optimiser steps"})
     lm_batch_size: int | None = field(
         default=None, metadata={"help": "packed text blocks per step and process"}
