@@ -64,6 +64,7 @@ _EXPORTS = {
     "load": [
         "DYNAMICS_FIELDS",
         "HARD_COLLAPSE_THRESHOLD",
+        "collapse_definitions",
         "LOAD_GROUPS",
         "PAPER_MODALITY_TO_EXPERT",
         "SOFT_COLLAPSE_THRESHOLD",

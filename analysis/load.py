@@ -299,9 +299,22 @@ def routing_dynamics(
 
 
 # `analysis._EXPORTS["load"]` must equal this list (tests/test_analysis_exports.py).
+def collapse_definitions(load: dict | None) -> tuple[str, str]:
+    """(hard, soft) collapse definitions in words, at the thresholds an analysis.json `load` block was computed with
+    (this module's defaults when it does not say): the one wording the report and the model card share."""
+    load = load or {}
+    hard = float(load.get("collapse_threshold", HARD_COLLAPSE_THRESHOLD))
+    soft = float(load.get("soft_collapse_threshold", SOFT_COLLAPSE_THRESHOLD))
+    return (
+        f"one expert takes ≥ {hard:.0%} of all tokens' top-1 dispatch",
+        f"one expert's mean router probability over all tokens is ≥ {soft:.0%}",
+    )
+
+
 __all__ = [
     "DYNAMICS_FIELDS",
     "HARD_COLLAPSE_THRESHOLD",
+    "collapse_definitions",
     "LOAD_GROUPS",
     "PAPER_MODALITY_TO_EXPERT",
     "SOFT_COLLAPSE_THRESHOLD",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from analysis.load import HARD_COLLAPSE_THRESHOLD, SOFT_COLLAPSE_THRESHOLD
+from analysis.load import collapse_definitions
 
 PAPER = "Expert Collapse and Compositional Failure in Simple Multimodal MoE (Ticinovic & Han)"
 PIPELINE_TAG = "image-text-to-text"
@@ -95,18 +95,6 @@ def _last_layer(block: dict | None) -> tuple[str, dict] | None:
         return None
     layer = max(block, key=int)
     return layer, block[layer]
-
-
-def collapse_definitions(load: dict | None) -> tuple[str, str]:
-    """(hard, soft) collapse definitions in words, at the thresholds `analysis.json["load"]` was computed with (the
-    analysis defaults when it does not say)."""
-    load = load or {}
-    hard = float(load.get("collapse_threshold", HARD_COLLAPSE_THRESHOLD))
-    soft = float(load.get("soft_collapse_threshold", SOFT_COLLAPSE_THRESHOLD))
-    return (
-        f"one expert takes >= {hard:.0%} of all tokens' top-1 dispatch",
-        f"one expert's mean router probability over all tokens is >= {soft:.0%}",
-    )
 
 
 def eval_results(analysis: dict | None, captioning: dict | None) -> list[EvalResult]:
@@ -426,7 +414,6 @@ __all__ = [
     "base_models",
     "build_card",
     "card_data",
-    "collapse_definitions",
     "datasets_from_recipes",
     "eval_results",
     "looks_like_hub_id",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from analysis.load import HARD_COLLAPSE_THRESHOLD, SOFT_COLLAPSE_THRESHOLD
+from analysis.load import HARD_COLLAPSE_THRESHOLD, SOFT_COLLAPSE_THRESHOLD, collapse_definitions
 from configuration.contract import (
     ANALYSIS_FILE,
     CAPTIONING_FILE,
@@ -371,18 +371,6 @@ def _binding_test(block: dict | None) -> dict | None:
         "interval": [float(interval.low), float(interval.high)],
         "n": n,
     }
-
-
-def collapse_definitions(load: dict | None) -> tuple[str, str]:
-    """(hard, soft) collapse definitions in words at the thresholds analysis.json's `load` used (the paper's 99 % of
-    top-1 dispatch and 90 % of mean router probability when it does not say; `analysis.load` defines both)."""
-    load = load or {}
-    hard = float(load.get("collapse_threshold", HARD_COLLAPSE_THRESHOLD))
-    soft = float(load.get("soft_collapse_threshold", SOFT_COLLAPSE_THRESHOLD))
-    return (
-        f"≥{hard:.0%} of all tokens' top-1 dispatch on one expert",
-        f"mean router probability ≥{soft:.0%} on one expert",
-    )
 
 
 def collapse_text(load: dict | None) -> str:

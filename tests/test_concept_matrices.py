@@ -122,13 +122,16 @@ def test_proportion_test_and_silhouette_interval():
     assert shuffled["interval"][1] < s["interval"][0]
 
 
-def test_analyze_writes_both_matrices_grounding_and_the_old_keys(processor, tmp_path):
-    """`analyze` end to end on a tiny random checkpoint and a tiny Shapes world: both variants at every layer,
-    grounding, silhouette intervals, the centred figure, and the raw variant under the keys older readers use."""
+def test_analyze_writes_both_matrices_grounding_dynamics_and_the_old_keys(processor, tmp_path):
+    """`analyze` end to end on a tiny random checkpoint (with a routing log) and a tiny Shapes world: both variants
+    at every layer, grounding, silhouette intervals, the centred figure, the routing dynamics and their figure, and
+    the raw variant under the keys older readers use. One run serves all of these: it is the suite's slow part."""
     import torch
     from conftest import tiny_config
+    from test_analysis_routing_dynamics import _write_log, routing_log
 
-    from analysis.run import analyze
+    from analysis.load import routing_dynamics
+    from analysis.run import ROUTING_DYNAMICS_FIGURE, analyze, routing_dynamics_summary
     from configuration.contract import ANALYSIS_FILE
     from modeling_moe_vlm import MoeVlmForCausalLM
     from trainer.data import build_shapes
@@ -137,6 +140,7 @@ def test_analyze_writes_both_matrices_grounding_and_the_old_keys(processor, tmp_
     model_dir = tmp_path / "model"
     MoeVlmForCausalLM(tiny_config()).save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
+    _write_log(model_dir, routing_log())
     build_shapes(
         tmp_path / "shapes", seed=0, image_size=32, n_train=4, n_val=4, n_test=12, n_instruct=2, n_probe=3,
         n_compositional=2,
@@ -160,3 +164,13 @@ def test_analyze_writes_both_matrices_grounding_and_the_old_keys(processor, tmp_
     low, high = result["tsne"]["silhouette_modality_hidden_interval"]
     assert low <= result["tsne"]["silhouette_modality_hidden"] <= high
     assert "concept_matrix_centred.png" in result["figures"]
+    assert (
+        ROUTING_DYNAMICS_FIGURE in result["figures"]
+        and (tmp_path / "out" / ROUTING_DYNAMICS_FIGURE).is_file()
+    )
+    expected = routing_dynamics_summary(routing_dynamics(routing_log()))
+    assert result["routing_dynamics"] == {
+        "stage": "3",
+        "figure": ROUTING_DYNAMICS_FIGURE,
+        **json.loads(json.dumps(expected)),
+    }

@@ -250,10 +250,10 @@ def test_card_parses_with_its_metadata(dry_run):
     names = {r.metric_type: r.metric_name for r in data.eval_results}
     assert (
         names["collapsed_layers"]
-        == "collapsed layers of 2 (hard: one expert takes >= 99% of all tokens' top-1 dispatch)"
+        == "collapsed layers of 2 (hard: one expert takes ≥ 99% of all tokens' top-1 dispatch)"
     )
     assert names["collapsed_layers_soft"] == (
-        "collapsed layers of 2 (soft: one expert's mean router probability over all tokens is >= 90%)"
+        "collapsed layers of 2 (soft: one expert's mean router probability over all tokens is ≥ 90%)"
     )
     model_index = data.to_dict()["model-index"]
     assert eval_results_to_model_index(*model_index_to_eval_results(model_index)) == model_index
@@ -284,7 +284,7 @@ def test_card_captions_the_routing_dynamics_figure_and_reads_the_thresholds():
     assert "![routing_dynamics](figures/routing_dynamics.png)\n\n*Routing over the training steps" in text
     assert "dashed: a fixed held-out probe routed in eval mode" in text
     assert "![expert_load](figures/expert_load.png)\n\n*" not in text  # its name says what it is
-    assert ">= 95% of all tokens' top-1 dispatch" in text and "is >= 80%" in text
+    assert "≥ 95% of all tokens' top-1 dispatch" in text and "is ≥ 80%" in text
     assert "This checkpoint: hard 3/4 (layers [0, 1, 3]), soft 1/4 (layers [3])." in text
     metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert metrics == {"collapsed_layers": 3, "collapsed_layers_soft": 1}

@@ -55,13 +55,13 @@ def test_collapse_under_both_definitions_in_table_claim_and_headline(tmp_path):
     rows = {r["key"]: r for r in report["table"]}
     assert (rows["stage3"]["collapsed"], rows["stage3"]["collapsed_soft"]) == (3, 1)
     claim = _claim(report, "Stage 3: most layers collapse")
-    assert "hard definition: ≥99% of all tokens' top-1 dispatch on one expert" in claim["paper"]
+    assert "hard definition: one expert takes ≥ 99% of all tokens' top-1 dispatch" in claim["paper"]
     # no checkpoints on disk: the precondition fails, and both counts are still shown
     assert (
-        "hard (the paper's: ≥99% of all tokens' top-1 dispatch on one expert): 3/4 layers [0, 1, 3]"
+        "hard (the paper's: one expert takes ≥ 99% of all tokens' top-1 dispatch): 3/4 layers [0, 1, 3]"
         in (claim["measured"])
     )
-    assert "soft (mean router probability ≥90% on one expert): 1/4 layers [3]" in claim["measured"]
+    assert "soft (one expert's mean router probability over all tokens is ≥ 90%): 1/4 layers [3]" in claim["measured"]
     headline = report["headline"]
     assert headline["stage3_collapsed_layers"] == 3.0 and headline["stage3_collapsed_soft_layers"] == 1.0
     assert headline["stage2_collapsed_soft_layers"] == 0.0
@@ -77,8 +77,8 @@ def test_claim_reads_the_thresholds_analysis_used(tmp_path):
     report = _run(tmp_path, stage2=_analysis(), stage3={**_analysis(), "load": load})
     claim = _claim(report, "Stage 3: most layers collapse")
     assert (
-        "≥95% of all tokens' top-1 dispatch" in claim["paper"]
-        and "≥80% on one expert): 2/4" in claim["measured"]
+        "≥ 95% of all tokens' top-1 dispatch" in claim["paper"]
+        and "is ≥ 80%): 2/4" in claim["measured"]
     )
 
 

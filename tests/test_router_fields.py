@@ -147,6 +147,12 @@ def test_router_dropout_is_read_at_call_time():
 # ----- recipes ----------------------------------------------------------------------------------------------------
 
 
+def tiny_lr(tmp_path) -> float:
+    from trainer.recipes import parse_recipe
+
+    return parse_recipe("3", tmp_path).training.learning_rate
+
+
 def test_paper_recipes_carry_the_authors_router_values(tmp_path):
     from configuration.presets import load_preset
     from trainer.recipes import parse_recipe
@@ -156,9 +162,8 @@ def test_paper_recipes_carry_the_authors_router_values(tmp_path):
     paper = parse_recipe("3", tmp_path, recipe="paper", overrides=["--use_cpu", "true"]).stage
     assert paper.router_dropout == 0.1
     tiny = parse_recipe("3", tmp_path).stage
-    assert (
-        tiny.router_dropout is None and tiny.router_learning_rate is None
-    )  # the tiny chain: today's behaviour
+    # the tiny chain: the model's router dropout (0), and the routers on 10x the stage's learning rate
+    assert tiny.router_dropout is None and tiny.router_learning_rate == 10 * tiny_lr(tmp_path)
     assert "router_init_std" not in load_preset("tiny")["moe_vlm"]
     override = parse_recipe(
         "3", tmp_path, overrides=["--router_learning_rate", "1e-2", "--routing_probe_split", "none"]

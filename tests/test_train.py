@@ -503,8 +503,10 @@ def test_every_recipe_parses_and_states_its_stage_protocol(recipe_set, tmp_path)
 
 def test_help_recipe_shows_the_stage_recipe_values():
     assert build_parser().parse_args([]).clip_max_steps is None  # unset until the pretraining recipe fills it
-    assert build_parser("pretrain").parse_args([]).clip_max_steps == 160
-    assert build_parser("3").parse_args([]).learning_rate == 5e-4
+    from trainer.recipes import embedded_recipe
+
+    assert build_parser("pretrain").parse_args([]).clip_max_steps == embedded_recipe("pretrain")["clip_max_steps"]
+    assert build_parser("3").parse_args([]).learning_rate == embedded_recipe("3")["learning_rate"]
 
 
 def test_recipe_overrides_win_and_bad_fields_are_named(tmp_path):
