@@ -61,7 +61,10 @@ def test_collapse_under_both_definitions_in_table_claim_and_headline(tmp_path):
         "hard (the paper's: one expert takes ≥ 99% of all tokens' top-1 dispatch): 3/4 layers [0, 1, 3]"
         in (claim["measured"])
     )
-    assert "soft (one expert's mean router probability over all tokens is ≥ 90%): 1/4 layers [3]" in claim["measured"]
+    assert (
+        "soft (one expert's mean router probability over all tokens is ≥ 90%): 1/4 layers [3]"
+        in claim["measured"]
+    )
     headline = report["headline"]
     assert headline["stage3_collapsed_layers"] == 3.0 and headline["stage3_collapsed_soft_layers"] == 1.0
     assert headline["stage2_collapsed_soft_layers"] == 0.0
@@ -76,10 +79,7 @@ def test_claim_reads_the_thresholds_analysis_used(tmp_path):
     load = {**_load([0], [0, 1]), "collapse_threshold": 0.95, "soft_collapse_threshold": 0.8}
     report = _run(tmp_path, stage2=_analysis(), stage3={**_analysis(), "load": load})
     claim = _claim(report, "Stage 3: most layers collapse")
-    assert (
-        "≥ 95% of all tokens' top-1 dispatch" in claim["paper"]
-        and "is ≥ 80%): 2/4" in claim["measured"]
-    )
+    assert "≥ 95% of all tokens' top-1 dispatch" in claim["paper"] and "is ≥ 80%): 2/4" in claim["measured"]
 
 
 def test_stage3_routing_dynamics_figure_onsets_and_headline(tmp_path):

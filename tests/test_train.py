@@ -505,7 +505,10 @@ def test_help_recipe_shows_the_stage_recipe_values():
     assert build_parser().parse_args([]).clip_max_steps is None  # unset until the pretraining recipe fills it
     from trainer.recipes import embedded_recipe
 
-    assert build_parser("pretrain").parse_args([]).clip_max_steps == embedded_recipe("pretrain")["clip_max_steps"]
+    assert (
+        build_parser("pretrain").parse_args([]).clip_max_steps
+        == embedded_recipe("pretrain")["clip_max_steps"]
+    )
     assert build_parser("3").parse_args([]).learning_rate == embedded_recipe("3")["learning_rate"]
 
 
