@@ -74,7 +74,7 @@ _EXPORTS = {
         "routing_dynamics",
     ],
     "tsne": ["auto_perplexity", "silhouettes", "tsne_embed"],
-    "compositional": ["binding_score", "compositional_matrix", "parse_compound"],
+    "compositional": ["binding_score", "canonical_compound", "compositional_matrix", "parse_compound"],
     "cka": ["expert_cka_matrix", "linear_cka", "weight_distance"],
     "captioning": [
         "CHAT_CAPTION_INSTRUCTION",

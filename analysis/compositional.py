@@ -78,6 +78,12 @@ def _summary(margins: list[float]) -> dict:
     }
 
 
+def canonical_compound(compound: str) -> str:
+    """One name per scene content: the parts of a string compound sorted ("red_circle+blue_star" and
+    "blue_star+red_circle" name the same two objects, listed in different orders by where they were drawn)."""
+    return "+".join(sorted(f"{colour}_{obj}" for colour, obj in parse_compound(compound)))
+
+
 def binding_score(matrix: Any, compounds: Sequence) -> dict:
     """Attribute, object and swap binding scores of a compositional matrix.
 
@@ -128,4 +134,4 @@ def binding_score(matrix: Any, compounds: Sequence) -> dict:
     return out
 
 
-__all__ = ["binding_score", "compositional_matrix", "parse_compound"]
+__all__ = ["binding_score", "canonical_compound", "compositional_matrix", "parse_compound"]

@@ -26,7 +26,7 @@ from .captioning import (
     training_prompt_format,
 )
 from .cka import linear_cka, weight_distance
-from .compositional import binding_score, compositional_matrix
+from .compositional import binding_score, canonical_compound, compositional_matrix
 from .extract import (
     concept_labels,
     crossover_test,
@@ -115,7 +115,9 @@ def concept_analysis(
 
 
 def compositional_analysis(states: dict, records: list, layers: list[int]):
-    names, labels = concept_labels(records, "compound")
+    # Images of one compound are pooled whatever order its objects were listed in (a Shapes world can hold both).
+    canonical = [{"compound": canonical_compound(r["compound"])} for r in records]
+    names, labels = concept_labels(canonical, "compound")
     out = {}
     for layer in layers:
         visual = np.stack([states["visual"][layer + 1][labels == k].mean(0) for k in range(len(names))])

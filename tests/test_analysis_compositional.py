@@ -75,3 +75,29 @@ def test_compositional_matrix_checks_names():
     assert compositional_matrix(v, t, SINGLES).shape == (6, 6)
     with pytest.raises(ValueError, match="compound names"):
         compositional_matrix(v, t, SINGLES[:5])
+
+
+def test_a_compound_listed_in_either_order_is_one_compound():
+    """Shapes seed 1 holds "x+y" and "y+x" scenes: the analysis pools them instead of refusing duplicates."""
+    import numpy as np
+
+    from analysis.compositional import canonical_compound
+    from analysis.run import compositional_analysis
+
+    assert canonical_compound("red_circle+blue_star") == canonical_compound("blue_star+red_circle")
+    assert canonical_compound("red_circle") == "red_circle"
+    records = [
+        {"compound": "red_circle+blue_star"},
+        {"compound": "blue_star+red_circle"},
+        {"compound": "blue_circle+red_star"},
+        {"compound": "red_circle"},
+    ]
+    rng = np.random.default_rng(0)
+    states = {key: {1: rng.normal(size=(4, 6))} for key in ("visual", "textual")}
+    names, out = compositional_analysis(states, records, [0])
+    assert names == ["blue_circle+red_star", "blue_star+red_circle", "red_circle"]
+    visual, textual = states["visual"][1][:2].mean(0), states["textual"][1][:2].mean(0)  # the pooled pair
+    matrix = np.asarray(out[0]["matrix"])
+    assert matrix.shape == (3, 3) and out[0]["binding"]["swap"]["n_comparisons"] == 2
+    cosine = visual @ textual / (np.linalg.norm(visual) * np.linalg.norm(textual))
+    assert np.isclose(matrix[1, 1], cosine)
