@@ -7,23 +7,11 @@ from __future__ import annotations
 import json
 
 from PIL import Image
+from test_routing_dynamics import _stats
 
 from analysis.load import routing_dynamics
 from analysis.run import ROUTING_DYNAMICS_FIGURE, analyze_routing_log, routing_dynamics_summary
 from configuration.contract import LOAD_GROUPS, ROUTING_LOG_FILE
-
-
-def _stats(d0: float, p0: float, gap: float, agreement: float = 0.75) -> dict:
-    return {
-        "dispatch": [d0, 1 - d0],
-        "prob": [p0, 1 - p0],
-        "entropy": 0.5,
-        "logit_gap": gap,
-        "logit_margin": abs(gap),
-        "agreement": agreement,
-        "tokens": 50,
-    }
-
 
 # Layer 0 hard-collapses onto expert 0 at step 20 (soft load stays 60/40); layer 1 soft-collapses onto expert 1 at
 # step 30 and hard at step 40. The probe (eval mode: agreement 1) is decided more slowly: layer 0 only at step 40.
@@ -43,11 +31,15 @@ def routing_log(with_probe: bool = True) -> list[dict]:
         record = {
             "step": step,
             "stage": "3",
-            "layers": {layer: {m: _stats(*v[i]) for m in LOAD_GROUPS} for layer, v in TRAIN.items()},
+            "layers": {
+                layer: {m: _stats(*v[i][:3], tokens=50, agreement=v[i][3]) for m in LOAD_GROUPS}
+                for layer, v in TRAIN.items()
+            },
         }
         if with_probe:
             layers = {
-                layer: {m: _stats(*v[i], agreement=1.0) for m in LOAD_GROUPS} for layer, v in PROBE.items()
+                layer: {m: _stats(*v[i], tokens=50, agreement=1.0) for m in LOAD_GROUPS}
+                for layer, v in PROBE.items()
             }
             record["probe"] = {"split": "validation", "n_samples": 8, "mode": "eval", "layers": layers}
         records.append(record)

@@ -99,14 +99,15 @@ def test_hard_and_soft_collapse_are_reported_separately():
     json.dumps(report, allow_nan=False)
 
 
-def _stats(d0: float, p0: float, gap: float, tokens: int = 100) -> dict:
+def _stats(d0: float, p0: float, gap: float, tokens: int = 100, agreement: float = 0.7) -> dict:
+    """One group's record in the routing log (the shape `trainer.routing_stats` writes)."""
     return {
         "dispatch": [d0, 1 - d0],
         "prob": [p0, 1 - p0],
         "entropy": 0.5,
         "logit_gap": gap,
         "logit_margin": abs(gap),
-        "agreement": 0.7,
+        "agreement": agreement,
         "tokens": tokens,
     }
 
