@@ -61,6 +61,35 @@ def changed_groups(before: dict, after: dict) -> set[str]:
     return {group_of(k) for k in after if k in before and not np.array_equal(before[k], after[k])}
 
 
+EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def unchanged_experts(before: dict, after: dict) -> list[str]:
+    """Experts whose every stacked slice is identical in two checkpoints, as "layer L expert e". The experts of a
+    layer share one (E, ...) tensor, so a tensor-level check sees a layer's experts change when only one did: in
+    Stage 2 the last layer's image expert feeds no loss (the last layer's image-position outputs predict nothing)
+    and never changes, which only a per-expert check shows."""
+    slices: dict[tuple[str, int], bool] = {}
+    for key in after:
+        suffix = next((t for t in EXPERT_TENSORS if key.endswith(t)), None)
+        if suffix is None or key not in before:
+            continue
+        layer = key[: -len(suffix)]
+        for expert in range(after[key].shape[0]):
+            same = np.array_equal(before[key][expert], after[key][expert])
+            slices[(layer, expert)] = slices.get((layer, expert), True) and same
+    return [
+        f"layer {_layer_number(layer)} expert {expert}"
+        for (layer, expert), same in sorted(slices.items())
+        if same
+    ]
+
+
+def _layer_number(prefix: str) -> str:
+    digits = [part for part in prefix.split(".") if part.isdigit()]
+    return digits[-1] if digits else prefix
+
+
 # ----- invariants ------------------------------------------------------------------------------------------------
 # Preconditions: a tower that cannot see shape cannot align shape concepts; a captioner that does not name what it
 # sees cannot "lose" captioning. Thresholds from the issue (#12): probe on frozen tower features, grounding on
@@ -148,13 +177,12 @@ def invariants(run_dir: Path, stages: dict[str, Path], analyses: dict[str, dict]
         # (the dense control renames experts to a dense mlp: only tensors present in both are compared)
         changed = changed_groups(weights[before], weights[after])
         ok = bool(declared) and changed <= declared and "vision_tower" not in changed
-        checks.append(
-            _check(
-                f"only the intended parameters changed ({before} -> {after})",
-                ok,
-                f"changed: {sorted(changed)}; declared trainable: {sorted(declared)}",
-            )
-        )
+        shared = sum(k in weights[before] for k in weights[after])
+        detail = f"changed: {sorted(changed)}; declared trainable: {sorted(declared)}; {shared} shared tensors compared"
+        if "experts" in declared:
+            still = unchanged_experts(weights[before], weights[after])
+            detail += f"; experts unchanged: {', '.join(still) if still else 'none'}"
+        checks.append(_check(f"only the intended parameters changed ({before} -> {after})", ok, detail))
 
     if "stage3" in weights and "stage2" in weights:
         routers = [k for k in weights["stage3"] if k.endswith("mlp.gate.weight")]
