@@ -32,11 +32,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from configuration import build_processor, load_preset
 from modeling_moe_vlm import MoeVlmConfig
+from modeling_moe_vlm.modeling_moe_vlm import MoeVlmVisionTower
 
 from .data import IGNORE_INDEX, MoeVlmCollator
+from .data.shapes import COLOURS, captions, random_scene, render_scene
 from .recipes import PretrainArguments, Recipe, write_resolved_recipe
 from .stage_data import load_split
 from .stage_dirs import clear_marker, remove_checkpoints, write_marker
+from .vision_probe import vision_probe
 
 CLIP_FILE = "clip.safetensors"
 MISTRAL_DIR = "mistral"
@@ -82,11 +85,11 @@ class FreshCaptionPairs(Dataset):
     (`moe-vlm-clip-pretrain/<seed>/<i>`), so it is the same on every call (a resumed run sees the same data) and no
     image repeats within a run; read in order (the order is random by construction).
 
-    Streaming fresh images, and blocks of `colour_group` consecutive items whose first object shares one colour, are
-    what let the tiny tower learn shape: on the 4,000 fixed training images, with random batches, it learnt colour
-    only (DESIGN.md, "Turn-3 facts"). Within a block the contrastive loss cannot tell the pairs apart by colour,
-    so each image's hardest in-batch negatives differ in shape (blocks align with batches when the batch size is a
-    multiple of `colour_group`)."""
+    Streaming fresh images lets the tiny conv tower learn some shape (on the 4,000 fixed training images it learnt
+    colour only; DESIGN.md, "Turn-3 facts"). `colour_group` > 1 makes blocks of that many consecutive items whose first
+    object shares one colour (aligned with batches when the batch size is a multiple of it), so that in-batch
+    negatives differ in shape; measured, this did not help: random fresh batches reached a higher shape probe at the
+    same step count (DESIGN.md, "Turn-4 facts")."""
 
     def __init__(self, n: int, seed: int, image_size: int, colour_group: int = 1):
         self.n, self.seed, self.image_size, self.colour_group = n, seed, image_size, max(int(colour_group), 1)
@@ -95,8 +98,6 @@ class FreshCaptionPairs(Dataset):
         return self.n
 
     def scene(self, i: int):
-        from .data.shapes import COLOURS, random_scene
-
         rng = random.Random(f"moe-vlm-clip-pretrain/{self.seed}/{i}")
         if self.colour_group == 1:
             return random_scene(rng), rng
@@ -106,8 +107,6 @@ class FreshCaptionPairs(Dataset):
         return random_scene(rng, n_objects, colours=colours), rng
 
     def __getitem__(self, i: int) -> dict:
-        from .data.shapes import captions, render_scene
-
         scene, rng = self.scene(i)
         return {"image": render_scene(scene, self.image_size), "caption": captions(scene, rng, 1)[0]}
 
@@ -184,10 +183,6 @@ def retrieval_accuracy(clip, collator: ClipCollator, split, batch_size: int = 12
 
 def _vision_probe(clip, config: MoeVlmConfig, processor, clip_collator: ClipCollator, seed: int) -> dict:
     """`trainer.vision_probe` on the VLM's own feature path: a `MoeVlmVisionTower` sharing `clip.visual`."""
-    from modeling_moe_vlm.modeling_moe_vlm import MoeVlmVisionTower
-
-    from .vision_probe import vision_probe
-
     tower = MoeVlmVisionTower(config)
     tower.visual = clip.visual
     return vision_probe(
