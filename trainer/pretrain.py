@@ -35,7 +35,14 @@ from modeling_moe_vlm import MoeVlmConfig
 from modeling_moe_vlm.modeling_moe_vlm import MoeVlmVisionTower
 
 from .data import IGNORE_INDEX, MoeVlmCollator
-from .data.shapes import COLOURS, captions, random_scene, render_scene
+from .data.shapes import (
+    COLOURS,
+    SHAPES,
+    captions,
+    concept_caption,
+    random_scene,
+    render_scene,
+)
 from .recipes import PretrainArguments, Recipe, write_resolved_recipe
 from .stage_data import load_split
 from .stage_dirs import clear_marker, remove_checkpoints, write_marker
@@ -83,32 +90,50 @@ class CaptionPairs(Dataset):
 class FreshCaptionPairs(Dataset):
     """`n` Shapes scenes rendered on demand, one caption each. Item i is drawn from its own random stream
     (`moe-vlm-clip-pretrain/<seed>/<i>`), so it is the same on every call (a resumed run sees the same data) and no
-    image repeats within a run; read in order (the order is random by construction).
+    image repeats within a run; read in order.
 
     Streaming fresh images lets the tiny conv tower learn some shape (on the 4,000 fixed training images it learnt
-    colour only; DESIGN.md, "Turn-3 facts"). `colour_group` > 1 makes blocks of that many consecutive items whose first
-    object shares one colour (aligned with batches when the batch size is a multiple of it), so that in-batch
-    negatives differ in shape; measured, this did not help: random fresh batches reached a higher shape probe at the
-    same step count (DESIGN.md, "Turn-4 facts")."""
+    colour only; DESIGN.md, "Turn-3 facts"), but with the world's captions it learns shape slowly: a caption names
+    size, position and background too, and those alone tell most pairs of a batch apart, so the contrastive loss
+    rarely needs the shape. `concept_grid` removes that shortcut: every block of `GRID_SIZE` consecutive items is the
+    whole colour x shape grid (each colour once per row of shapes, both orders random per block), captioned by the
+    concepts alone ("A red circle."), so within a batch no two captions are equal (no false negatives) and only
+    shape tells apart the pairs that share a colour. `two_object_share` of the grid's scenes get a second, random
+    object, named after the first ("A red circle and a blue star."). Measured: DESIGN.md, "Turn-5 facts"."""
 
-    def __init__(self, n: int, seed: int, image_size: int, colour_group: int = 1):
-        self.n, self.seed, self.image_size, self.colour_group = n, seed, image_size, max(int(colour_group), 1)
+    GRID_SIZE = len(COLOURS) * len(SHAPES)
+
+    def __init__(
+        self, n: int, seed: int, image_size: int, concept_grid: bool = False, two_object_share: float = 0.0
+    ):
+        self.n, self.seed, self.image_size = n, seed, image_size
+        self.concept_grid, self.two_object_share = bool(concept_grid), float(two_object_share)
 
     def __len__(self) -> int:
         return self.n
 
-    def scene(self, i: int):
-        rng = random.Random(f"moe-vlm-clip-pretrain/{self.seed}/{i}")
-        if self.colour_group == 1:
-            return random_scene(rng), rng
-        block = random.Random(f"moe-vlm-clip-pretrain/{self.seed}/block/{i // self.colour_group}")
-        n_objects = rng.choice((1, 2))
-        colours = [block.choice(list(COLOURS))] + [rng.choice(list(COLOURS)) for _ in range(n_objects - 1)]
-        return random_scene(rng, n_objects, colours=colours), rng
+    def grid_cell(self, i: int) -> tuple[str, str]:
+        """The (colour, shape) of item i's cell in its block's grid."""
+        block = random.Random(f"moe-vlm-clip-pretrain/{self.seed}/grid/{i // self.GRID_SIZE}")
+        colours = block.sample(list(COLOURS), len(COLOURS))
+        rows = [block.sample(list(SHAPES), len(SHAPES)) for _ in colours]
+        row, column = divmod(i % self.GRID_SIZE, len(SHAPES))
+        return colours[row], rows[row][column]
 
     def __getitem__(self, i: int) -> dict:
-        scene, rng = self.scene(i)
-        return {"image": render_scene(scene, self.image_size), "caption": captions(scene, rng, 1)[0]}
+        rng = random.Random(f"moe-vlm-clip-pretrain/{self.seed}/{i}")
+        if not self.concept_grid:
+            scene = random_scene(rng)
+            return {"image": render_scene(scene, self.image_size), "caption": captions(scene, rng, 1)[0]}
+        colour, shape = self.grid_cell(i)
+        if rng.random() < self.two_object_share:
+            scene = random_scene(
+                rng, 2, shapes=[shape, rng.choice(SHAPES)], colours=[colour, rng.choice(list(COLOURS))]
+            )
+        else:
+            scene = random_scene(rng, 1, shapes=[shape], colours=[colour])
+        caption = concept_caption([(o.colour, o.shape) for o in scene.objects])
+        return {"image": render_scene(scene, self.image_size), "caption": caption}
 
 
 class ClipCollator:
@@ -299,8 +324,10 @@ def run_pretraining(recipe: Recipe, callbacks=()) -> Path:
     )
     if pretrain.clip_fresh_images:
         n_pairs = pretrain.clip_max_steps * pretrain.clip_batch_size * training.world_size
-        clip_data = FreshCaptionPairs(n_pairs, training.seed, image_size, pretrain.clip_colour_group)
-        clip_args.train_sampling_strategy = "sequential"  # keeps the colour blocks together in a batch
+        clip_data = FreshCaptionPairs(
+            n_pairs, training.seed, image_size, pretrain.clip_concept_grid, pretrain.clip_two_object_share
+        )
+        clip_args.train_sampling_strategy = "sequential"  # keeps each concept grid together in a batch
     else:
         clip_data = CaptionPairs(train_split)
     clip_trainer = ClipPretrainer(

@@ -223,12 +223,16 @@ class PretrainArguments:
             "help": "train CLIP on scenes rendered fresh for every pair (True) or on the Shapes train split (False)"
         },
     )
-    clip_colour_group: int | None = field(
+    clip_concept_grid: bool | None = field(
         default=None,
         metadata={
-            "help": "with fresh images: consecutive pairs whose first object shares a colour (1: independent), so "
-            "in-batch negatives differ in shape"
+            "help": "with fresh images: every block of 64 pairs is the whole 8 colours x 8 shapes grid, captioned by "
+            "colour and shape only, so no in-batch negative shares a caption and neither concept can be skipped"
         },
+    )
+    clip_two_object_share: float | None = field(
+        default=None,
+        metadata={"help": "with the concept grid: share of scenes with a second, random object (named too)"},
     )
     lm_max_steps: int | None = field(default=None, metadata={"help": "dense Mistral optimiser steps"})
     lm_batch_size: int | None = field(

@@ -6,9 +6,12 @@ the pretrained tiny CLIP, and the report checks it first (`vision probe` invaria
 
 * **linear probes**: a logistic regression (scikit-learn) from the tokens the connector receives — the VLM's own
   feature path, `MoeVlmVisionTower` at `vision_feature_layer`, flattened — to the object's shape and to its colour,
-  fitted on `n_fit` single-object images and scored on `n_test` others;
+  fitted on `n_fit` single-object images and scored on `n_test` others (the flattened features have 8,192
+  dimensions on the tiny tower, so `n_fit` is 3,000: with 1,000 the same tower scored 0.86 instead of 0.91,
+  DESIGN.md "Turn-5 facts"); the same probe on the mean-pooled tokens is reported beside it;
 * **zero-shot shape**: CLIP's own image embedding against the text embedding of each shape, averaged over the
-  colours ("A red circle.", "A blue circle.", ...: the usual prompt ensemble), top-1.
+  colours ("A red circle.", "An orange circle.", ...: the usual prompt ensemble, in the pretraining captions'
+  wording), top-1.
 
 The images are fresh renders from a random stream of their own (`moe-vlm-vision-probe/<seed>`), not drawn from any
 Shapes split, so no probe image was trained on.
@@ -21,7 +24,7 @@ import random
 import numpy as np
 import torch
 
-from .data.shapes import COLOURS, SHAPES, random_scene, render_scene
+from .data.shapes import COLOURS, SHAPES, concept_caption, random_scene, render_scene
 
 ATTRIBUTES = ("shape", "colour")
 
@@ -35,11 +38,11 @@ def probe_scenes(n: int, seed: int, part: str, image_size: int):
 
 @torch.no_grad()
 def _encode(tower, image_processor, images, batch_size: int = 128):
-    """Flattened connector-input tokens (images, tokens * channels) and pixel batches, in order."""
+    """Connector-input tokens (images, tokens, channels) and pixel batches, in order."""
     features, pixels = [], []
     for start in range(0, len(images), batch_size):
         pv = image_processor(images=images[start : start + batch_size], return_tensors="pt")["pixel_values"]
-        features.append(tower(pv).last_hidden_state.flatten(1).float())  # (batch, tokens * channels)
+        features.append(tower(pv).last_hidden_state.float())  # (batch, tokens, channels)
         pixels.append(pv)
     return torch.cat(features).numpy(), torch.cat(pixels)
 
@@ -59,7 +62,9 @@ def zero_shot_shape(clip, text_tokenizer, pixel_values: torch.Tensor, labels: li
     """Top-1 accuracy of CLIP's zero-shot shape classification (prompt ensemble over the colours)."""
     classes = []
     for shape in SHAPES:
-        prompts = text_tokenizer([f"A {colour} {shape}." for colour in COLOURS])  # (colours, context)
+        prompts = text_tokenizer(
+            [concept_caption([(colour, shape)]) for colour in COLOURS]
+        )  # (colours, context)
         mean = clip.encode_text(prompts, normalize=True).mean(dim=0)
         classes.append(mean / mean.norm())
     classes = torch.stack(classes)  # (shapes, embed)
@@ -75,23 +80,30 @@ def vision_probe(
     text_tokenizer,
     image_size: int,
     seed: int = 0,
-    n_fit: int = 1000,
-    n_test: int = 500,
+    n_fit: int = 3000,
+    n_test: int = 1000,
 ) -> dict:
-    """The probe's result: `shape_accuracy`, `colour_accuracy` (linear probes on `tower`'s connector-input tokens),
+    """The probe's result: `shape_accuracy`, `colour_accuracy` (linear probes on `tower`'s connector-input tokens,
+    flattened; `*_mean_pooled`: on their mean),
     `zero_shot_shape_accuracy` (CLIP), `chance_shape`, `chance_colour`, `n_fit`, `n_test`. `tower` must be a
     `MoeVlmVisionTower` sharing `clip.visual` (so the probe reads exactly what the VLM will)."""
     was_training = clip.training
     clip.eval()
     fit_scenes, fit_images = probe_scenes(n_fit, seed, "fit", image_size)
     test_scenes, test_images = probe_scenes(n_test, seed, "test", image_size)
-    fit_x, _ = _encode(tower, image_processor, fit_images)
+    fit_x, _ = _encode(tower, image_processor, fit_images)  # (n_fit, tokens, channels)
     test_x, test_pixels = _encode(tower, image_processor, test_images)
+    fit_mean, test_mean = fit_x.mean(axis=1), test_x.mean(axis=1)  # (images, channels)
+    fit_x, test_x = (
+        fit_x.reshape(len(fit_x), -1),
+        test_x.reshape(len(test_x), -1),
+    )  # (images, tokens * channels)
     result = {}
     for attribute in ATTRIBUTES:
         fit_y = [getattr(s.objects[0], attribute) for s in fit_scenes]
         test_y = [getattr(s.objects[0], attribute) for s in test_scenes]
         result[f"{attribute}_accuracy"] = linear_probe(fit_x, fit_y, test_x, test_y)
+        result[f"{attribute}_accuracy_mean_pooled"] = linear_probe(fit_mean, fit_y, test_mean, test_y)
     shapes = [s.objects[0].shape for s in test_scenes]
     result["zero_shot_shape_accuracy"] = zero_shot_shape(clip, text_tokenizer, test_pixels, shapes)
     result.update(

@@ -223,6 +223,12 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + ("" if text.endswith((".", "?", "!")) else ".")
 
 
+def concept_caption(objects: Sequence[tuple[str, str]]) -> str:
+    """Objects named by colour and shape only, e.g. [("orange", "circle"), ("blue", "star")] -> "An orange circle
+    and a blue star." (the tiny CLIP's pretraining captions and its zero-shot prompts: one wording for both)."""
+    return _sentence(" and ".join(_a(f"{colour} {shape}") for colour, shape in objects))
+
+
 def _relation(a: ShapeObject, b: ShapeObject) -> str:
     """Where ``a`` is relative to ``b``."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
@@ -806,6 +812,7 @@ __all__ = [
     "build_shapes",
     "caption_templates",
     "captions",
+    "concept_caption",
     "conversation",
     "describe",
     "generate_shapes",
