@@ -35,14 +35,7 @@ from modeling_moe_vlm import MoeVlmConfig
 from modeling_moe_vlm.modeling_moe_vlm import MoeVlmVisionTower
 
 from .data import IGNORE_INDEX, MoeVlmCollator
-from .data.shapes import (
-    COLOURS,
-    SHAPES,
-    captions,
-    concept_caption,
-    random_scene,
-    render_scene,
-)
+from .data.shapes import COLOURS, SHAPES, captions, concept_caption, random_scene, render_scene
 from .recipes import PretrainArguments, Recipe, write_resolved_recipe
 from .stage_data import load_split
 from .stage_dirs import clear_marker, remove_checkpoints, write_marker

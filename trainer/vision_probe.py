@@ -91,13 +91,11 @@ def vision_probe(
     clip.eval()
     fit_scenes, fit_images = probe_scenes(n_fit, seed, "fit", image_size)
     test_scenes, test_images = probe_scenes(n_test, seed, "test", image_size)
-    fit_x, _ = _encode(tower, image_processor, fit_images)  # (n_fit, tokens, channels)
-    test_x, test_pixels = _encode(tower, image_processor, test_images)
-    fit_mean, test_mean = fit_x.mean(axis=1), test_x.mean(axis=1)  # (images, channels)
-    fit_x, test_x = (
-        fit_x.reshape(len(fit_x), -1),
-        test_x.reshape(len(test_x), -1),
-    )  # (images, tokens * channels)
+    fit_tokens, _ = _encode(tower, image_processor, fit_images)  # (n_fit, tokens, channels)
+    test_tokens, test_pixels = _encode(tower, image_processor, test_images)
+    # flattened: (images, tokens * channels), what the connector sees as a whole
+    fit_x, test_x = fit_tokens.reshape(n_fit, -1), test_tokens.reshape(n_test, -1)
+    fit_mean, test_mean = fit_tokens.mean(axis=1), test_tokens.mean(axis=1)  # (images, channels)
     result = {}
     for attribute in ATTRIBUTES:
         fit_y = [getattr(s.objects[0], attribute) for s in fit_scenes]
