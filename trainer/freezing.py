@@ -4,7 +4,7 @@ Every parameter of `MoeVlmForCausalLM` belongs to exactly one group (`group_of` 
 know), so a stage's trainable set is a list of group names (a recipe field) and "exactly what its stage trains"
 can be checked by name. The paper's stages:
 
-    Stage 1    connector                      Stage 2     experts (hard routing)
+    Stage 1    connector (tiny: + attention)  Stage 2     experts (hard routing)
     Stage 2.5  router (experts frozen)        Stage 3     router + attention + experts
     dense      mlp (the dense control of Stage 2)
 """

@@ -239,7 +239,7 @@ class MoeVlmStageTrainer(Trainer):
 class ConnectorAlignmentTrainer(MoeVlmStageTrainer):
     stage = "1"
     description = (
-        "cross-modality alignment: only the connector trains (vision tower and LLM frozen), captions"
+        "cross-modality alignment on captions: the connector (the paper), the tiny recipe with the LLM's attention"
     )
 
 
