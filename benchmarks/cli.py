@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kernel",
         default="model",
-        choices=["model", "auto", "eager", "grouped_mm"],
+        # "model", "auto" and benchmarks.cases.KERNELS, spelled out: importing the cases would import torch for --help
+        choices=["model", "auto", "eager", "grouped_mm", "sorted_top1"],
         help="experts kernel of the MoE model (model: its default; auto: the faster one in the block benchmark)",
     )
     p.add_argument(

@@ -143,11 +143,11 @@ def test_experts_implementations_agree(tiny_model, processor, red_image):
     tiny_model.set_router_mode("softmax")
     inputs = _inputs(processor, red_image)
     results = {}
-    for impl in ("eager", "grouped_mm", "batched_mm"):
+    for impl in ("eager", "grouped_mm", "batched_mm", "sorted_top1"):
         tiny_model.set_experts_implementation(impl)
         results[impl] = tiny_model(**inputs).logits
-    torch.testing.assert_close(results["eager"], results["grouped_mm"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(results["eager"], results["batched_mm"], rtol=1e-4, atol=1e-4)
+    for impl in ("grouped_mm", "batched_mm", "sorted_top1"):
+        torch.testing.assert_close(results["eager"], results[impl], rtol=1e-4, atol=1e-4)
 
 
 def test_sdpa_and_eager_attention_agree(processor, red_image):

@@ -161,7 +161,10 @@ class StageArguments:
     )
     experts_implementation: str | None = field(
         default=None,
-        metadata={"help": "expert kernel: eager | grouped_mm | batched_mm (default: transformers')"},
+        metadata={
+            "help": "expert kernel: eager | grouped_mm | batched_mm | sorted_top1 (ours: top-1, CPU) "
+            "(default: transformers')"
+        },
     )
     keep_checkpoints: bool = field(
         default=False,
