@@ -67,13 +67,13 @@ def _analysis(
     }
 
 
-def _run(tmp_path: Path, probe=GOOD_PROBE, **models) -> dict:
+def _run(tmp_path: Path, probe=GOOD_PROBE, cider=None, **models) -> dict:
     """Write the models' analysis.json + a captioning.json each, and the pretraining marker; build the report."""
     pretrain = tmp_path / "pretrain"
     pretrain.mkdir(parents=True, exist_ok=True)
     marker = {"stage": "pretrain"} if probe is None else {"stage": "pretrain", "vision_probe": probe}
     (pretrain / COMPLETION_MARKER).write_text(json.dumps(marker))
-    cider = {"stage2": 80.0, "stage3": 10.0, "dense": 70.0}
+    cider = {"stage2": 80.0, "stage3": 10.0, "dense": 70.0, **(cider or {})}
     for name, analysis in models.items():
         folder = tmp_path / "analysis" / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,17 @@ def test_captioning_drop_needs_stage2_grounding(tmp_path):
     claim = _claim(ungrounded, "Captioning collapses")
     assert not claim["precondition_met"] and "CIDEr 80.0 -> 10.0" in claim["measured"]
     grounded = _run(tmp_path / "b", stage2=_analysis(ground=0.9), stage3=_analysis(ground=0.1))
-    assert _claim(grounded, "Captioning collapses")["agrees"] is True
+    claim = _claim(grounded, "Captioning collapses")
+    assert claim["agrees"] is True and "keeps 12% of it" in claim["measured"]
+    # a fall that keeps more than half of Stage 2's CIDEr is a drop, not the paper's collapse
+    dip = _run(
+        tmp_path / "c", cider={"stage3": 60.0}, stage2=_analysis(ground=0.9), stage3=_analysis(ground=0.9)
+    )
+    assert _claim(dip, "Captioning collapses")["agrees"] is False
+    half = _run(
+        tmp_path / "d", cider={"stage3": 40.0}, stage2=_analysis(ground=0.9), stage3=_analysis(ground=0.9)
+    )
+    assert _claim(half, "Captioning collapses")["agrees"] is True
 
 
 def test_table_headline_and_html_carry_both_matrices_and_grounding(tmp_path):
