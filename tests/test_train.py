@@ -227,11 +227,15 @@ def test_gumbel_tau_schedule_is_linear_and_resumable():
 # ----- the stages -----------------------------------------------------------------------------------------------------
 STAGE_ORDER = ["0", "1", "2", "2.5", "3"]
 EXPECTED_GROUPS = {
-    "1": {"connector"},
+    "1": {"connector", "attention"},  # the tiny recipe's (the paper's: connector only; see SCALE_DEVIATIONS)
     "2": {"experts"},
     "2.5": {"router"},
     "3": {"router", "attention", "experts"},
 }
+# Where the embedded (tiny) protocol knowingly differs from the paper's: (stage, field) -> (paper, tiny). Stage 1 trains
+# attention too at tiny scale, because the frozen tiny LM does not read its image tokens (README "Results",
+# docs/experiments.md). Any other difference between the scales fails the protocol test.
+SCALE_DEVIATIONS = {("1", "trainable"): (["connector"], ["connector", "attention"])}
 
 
 @pytest.mark.parametrize("stage", ["1", "2", "2.5", "3", "dense"])
@@ -496,7 +500,12 @@ def test_every_recipe_parses_and_states_its_stage_protocol(recipe_set, tmp_path)
             assert ("router_mode" in written) == (stage != "dense")
             embedded = StageArguments(stage=stage)  # no recipe: the embedded one fills the stage's fields
             for name in STAGE_CHOSEN_FIELDS:
-                assert getattr(recipe.stage, name) == getattr(embedded, name), (stage, name)
+                expected = getattr(embedded, name)
+                if recipe_set == "paper" and (stage, name) in SCALE_DEVIATIONS:
+                    paper, tiny = SCALE_DEVIATIONS[stage, name]
+                    assert expected == tiny, (stage, name)
+                    expected = paper
+                assert getattr(recipe.stage, name) == expected, (stage, name)
         if recipe_set == "paper" and stage not in ("0",):
             assert recipe.training.bf16 and recipe.training.activation_checkpointing
 
