@@ -92,7 +92,7 @@ class FreshCaptionPairs(Dataset):
     whole colour x shape grid (each colour once per row of shapes, both orders random per block), captioned by the
     concepts alone ("A red circle."), so within a batch no two captions are equal (no false negatives) and only
     shape tells apart the pairs that share a colour. `two_object_share` of the grid's scenes get a second, random
-    object, named after the first ("A red circle and a blue star."). Measured: DESIGN.md, "Turn-5 facts"."""
+    object, named after the first ("A red circle and a blue star."). Measured: docs/experiments.md."""
 
     GRID_SIZE = len(COLOURS) * len(SHAPES)
 

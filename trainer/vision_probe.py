@@ -8,7 +8,7 @@ the pretrained tiny CLIP, and the report checks it first (`vision probe` invaria
   feature path, `MoeVlmVisionTower` at `vision_feature_layer`, flattened — to the object's shape and to its colour,
   fitted on `n_fit` single-object images and scored on `n_test` others (the flattened features have 8,192
   dimensions on the tiny tower, so `n_fit` is 3,000: with 1,000 the same tower scored 0.86 instead of 0.91,
-  DESIGN.md "Turn-5 facts"); the same probe on the mean-pooled tokens is reported beside it;
+  docs/experiments.md); the same probe on the mean-pooled tokens is reported beside it;
 * **zero-shot shape**: CLIP's own image embedding against the text embedding of each shape, averaged over the
   colours ("A red circle.", "An orange circle.", ...: the usual prompt ensemble, in the pretraining captions'
   wording), top-1.
