@@ -133,10 +133,10 @@ def sorted_top1_experts_forward(
     """The `ExpertsInterface` signature: hidden_states (T, H), top_k_index / top_k_weights (T, 1) -> (T, H)."""
     _check_supported(self, top_k_index)
     weights = top_k_weights.reshape(-1).to(hidden_states.dtype)  # (T,)
-    out = _SortedTop1Experts.apply(
+    # (T, H), in hidden_states' dtype: every buffer is allocated from it
+    return _SortedTop1Experts.apply(
         hidden_states, top_k_index.reshape(-1), weights, self.gate_up_proj, self.down_proj
     )
-    return out.to(hidden_states.dtype)
 
 
 ExpertsInterface.register(KERNEL_NAME, sorted_top1_experts_forward)

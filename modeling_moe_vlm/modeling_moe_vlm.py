@@ -47,7 +47,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder
 
 from .configuration_moe_vlm import MoeVlmConfig, MoeVlmVisionConfig
-from .experts_kernels import KERNEL_NAME as SORTED_TOP1_KERNEL  # noqa: F401 - registers experts_implementation="sorted_top1"
+
+# Imported for its side effect: it registers experts_implementation="sorted_top1" in transformers' ExpertsInterface.
+from .experts_kernels import KERNEL_NAME  # noqa: F401
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """`moe-vlm reproduce`: the whole protocol on the embedded default, then the report; for one seed or several.
 
-pretraining (tiny CLIP + tiny dense Mistral) -> Stage 0 (upcycle) -> Stage 1 (connector + attention) -> Stage 2 (hard routing,
-experts) -> Stage 3 (Gumbel routing, router + attention + experts, instructions) and the dense control (from
-Stage 1); then `analyze` + `evaluate` on Stage 2, Stage 3 and the dense control; then `report.html` / `report.json`.
+pretraining (tiny CLIP + tiny dense Mistral) -> Stage 0 (upcycle) -> Stage 1 (connector + attention) -> Stage 2
+(hard routing, experts) -> Stage 3 (Gumbel routing, router + attention + experts, instructions) and the dense control
+(from Stage 1); then `analyze` + `evaluate` on Stage 2, Stage 3 and the dense control; then `report.html` /
+`report.json`.
 
 Each step runs through the same commands a user would type (`moe-vlm train ...`), so the reproduction exercises
 the public interface. A step whose output is complete (its completion marker, or its JSON) is skipped: an

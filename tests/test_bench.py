@@ -160,6 +160,20 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert "unknown sections" in capsys.readouterr().err
 
 
+def test_cli_kernel_choices_are_the_benchmarked_kernels():
+    """`--kernel`'s choices are spelled out in benchmarks/cli.py (it does not import torch); they must stay the
+    cases' KERNELS."""
+    import argparse
+
+    from benchmarks.cases import KERNELS
+    from benchmarks.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    (action,) = [a for a in parser._actions if a.dest == "kernel"]
+    assert action.choices == ["model", "auto", *KERNELS]
+
+
 def test_quick_run_writes_a_complete_report(tmp_path):
     from benchmarks.__main__ import main
 

@@ -238,7 +238,7 @@ class MoeVlmStageTrainer(Trainer):
 
 class ConnectorAlignmentTrainer(MoeVlmStageTrainer):
     stage = "1"
-    description = "cross-modality alignment on captions: the connector (the paper), the tiny recipe with the LLM's attention"
+    description = "cross-modality alignment on captions: the connector (the paper); the tiny recipe adds the LLM's attention"
 
 
 class ModalityExpertsTrainer(MoeVlmStageTrainer):
