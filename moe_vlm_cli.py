@@ -21,6 +21,36 @@ COMMAND_MODULES = (
 )
 
 
+# glibc's malloc gives every allocation above a moving threshold its own mmap and returns freed memory at the top of
+# the heap to the kernel, so a training step that allocates and frees the same activations every step page-faults
+# them in again each time. Measured on the tiny Stage 1 (`moe-vlm train --profile`, 2 cores): 81 -> 69 ms a step,
+# system time 2.5 -> 0.65 s in 40 steps. The same setting as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ /
+# MALLOC_TOP_PAD_ in the environment (the PyTorch CPU tuning guide's advice, without installing jemalloc); an
+# explicit environment setting wins. mallopt parameters: glibc's malloc.h.
+_MALLOPT = {
+    "MALLOC_TRIM_THRESHOLD_": (-1, 1 << 31),
+    "MALLOC_TOP_PAD_": (-2, 256 << 20),
+    "MALLOC_MMAP_THRESHOLD_": (-3, 32 << 20),
+}
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process (see `_MALLOPT`); True when glibc took the settings. Elsewhere (macOS, musl)
+    a no-op."""
+    import ctypes
+    import os
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return all(
+        bool(libc.mallopt(code, value)) for name, (code, value) in _MALLOPT.items() if name not in os.environ
+    )
+
+
 class UserError(Exception):
     """Bad input a person can fix: printed as one line, without a traceback."""
 
@@ -41,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()
     parser = build_parser()
     # A command that takes free-form `--field value` pairs (`train`: every recipe field, which only transformers'
     # HfArgumentParser knows, imported when the command runs) says so with `set_defaults(extra_args=[])` and gets

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .flops import train_step_flops
+from trainer.flops import step_flops
+
 from .naive import NaiveBothExpertsBlock
 from .presets import BenchPreset, build_config, build_model, generation_prompt, training_batch
 from .timing import Case, calibrate
@@ -219,7 +220,7 @@ def train_section(preset: BenchPreset, settings: Settings, kernel: str) -> Secti
     dense = build_model(preset, dense=True, device=device, dtype=dtype).train()
     moe = build_model(preset, dense=False, device=device, dtype=dtype).train()
     dense_opt, moe_opt = _optimizer(dense), _optimizer(moe)
-    flops = train_step_flops(dense, batch)
+    flops = step_flops(dense, batch)
     tokens = batch["input_ids"].numel()
 
     def moe_case(name: str, mode: str, kernel_: str, model=moe) -> Case:

@@ -1,11 +1,6 @@
-"""Model FLOPs of a training step, and the peak FLOP/s of the device, for GFLOP/s and MFU.
-
-Counted the PaLM way (model FLOPs, not hardware FLOPs): 6 x active parameters x tokens for every matmul that
-trains, plus 12 x layers x hidden x seq per token for attention scores, plus the LM head on labelled positions
-only (the model computes logits nowhere else), plus the frozen vision tower's forward (2 x its parameters per
-patch). The active parameters are the dense model's, so an MoE step is credited with exactly the work of the
-dense model it replaces: any extra time shows up as lower MFU, not as extra FLOPs.
-"""
+"""The peak FLOP/s of the device, for MFU. The model FLOPs of a step are `trainer.flops.step_flops` (one count for the
+benchmark, `moe-vlm train --profile` and the utilisation table); the benchmark credits an MoE step with the FLOPs of
+the dense model it replaces, so any extra time shows up as lower MFU, not as extra FLOPs."""
 
 from __future__ import annotations
 
@@ -21,27 +16,6 @@ CUDA_BF16_PEAK = {
     "L40S": 362e12,
     "A10G": 70e12,
 }
-
-
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def train_step_flops(dense_model, batch: dict) -> float:
-    """FLOPs of one forward + backward of `dense_model` (a `moe_layers=[]` MoeVlmForCausalLM) on `batch`."""
-    config = dense_model.config
-    batch_size, seq = batch["input_ids"].shape
-    tokens = batch_size * seq
-    decoder = _numel(dense_model.model.layers)  # attention + one MLP per layer (+ norms, negligible)
-    flops = 6 * decoder * tokens
-    flops += 12 * config.num_hidden_layers * config.hidden_size * seq * tokens  # attention scores and mix
-    labelled = int((batch["labels"][:, 1:] != -100).sum())
-    flops += 6 * config.hidden_size * config.vocab_size * labelled  # LM head where labels need it
-    images = batch["pixel_values"].shape[0]
-    n_image = config.num_image_tokens
-    flops += 6 * _numel(dense_model.model.connector) * images * n_image
-    flops += 2 * _numel(dense_model.model.vision_tower) * images * (n_image + 1)  # frozen: forward only
-    return float(flops)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:

@@ -2,7 +2,7 @@
 `moe-vlm init`: Stage 0 alone, an upcycled model from a dense Mistral (random tiny, a path or a Hub id).
 
     moe-vlm train --stage {pretrain,0,1,2,2.5,3,dense} --out DIR [--from DIR] [--recipe FILE|tiny|paper]
-                  [--FIELD VALUE ...]
+                  [--profile] [--FIELD VALUE ...]
 
 Any recipe field (StageArguments, PretrainArguments, TrainingArguments) can follow as `--field value`;
 `--help-recipe` lists them (with `--stage S [--recipe R]`: their values in that recipe as defaults).
@@ -31,9 +31,19 @@ def _cmd_train(args) -> None:
     recipe = parse_recipe(
         args.stage, args.out, from_dir=args.from_dir, recipe=args.recipe, overrides=args.extra_args
     )
-    out = run(recipe)
+    profiler = None
+    if args.profile:
+        from .profiling import PROFILE_FILE, StepProfiler
+
+        profiler = StepProfiler()
+    out = run(recipe, callbacks=[profiler] if profiler else [])
     if recipe.training.process_index == 0:
         print(f"stage {args.stage} -> {out}")
+        if profiler is not None and profiler.runs:
+            from .profiling import markdown_table
+
+            print(markdown_table(profiler.runs))
+            print(f"wrote {profiler.write(out / PROFILE_FILE)}")
 
 
 def _cmd_init(args) -> None:
@@ -79,5 +89,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--help-recipe",
         action="store_true",
         help="list every recipe field that can be overridden (with --stage: the recipe's values as defaults)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="time every step (data, forward, backward, optimizer, bookkeeping) and its model FLOPs against this "
+        "machine's measured matmul rate: a table, and profile.json in --out",
     )
     p.set_defaults(func=_cmd_train, extra_args=[])
