@@ -223,20 +223,23 @@ class MoeVlmProcessor(ProcessorMixin):
                 {"input_ids": ids}, padding=padding, padding_side=padding_side, return_tensors=return_tensors
             )
         )
-        # Offsets padded like the ids, with (0, 0) (what transformers' tokenizers pad them with).
-        if return_offsets_mapping:
-            length = len(data["input_ids"][0])
-            left = (padding_side or self.tokenizer.padding_side) == "left"
-            data["offset_mapping"] = [
-                [(0, 0)] * (length - len(o)) + o if left else o + [(0, 0)] * (length - len(o))
-                for o in offsets
-            ]
         if flat_images:
             pixel_values = self.image_processor(images=flat_images, return_tensors=return_tensors)[
                 "pixel_values"
             ]
             data["pixel_values"] = pixel_values
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        out = BatchFeature(data=data, tensor_type=return_tensors)
+        # Offsets padded like the ids, with (0, 0) (what transformers' tokenizers pad them with), kept as lists of
+        # (start, end) pairs: their reader, `ProcessorMixin.apply_chat_template`'s assistant mask, walks them pair by
+        # pair in Python, which over a tensor costs an unbind per token (half of a Stage 3 batch's collation).
+        if return_offsets_mapping:
+            length = len(data["input_ids"][0])
+            left = (padding_side or self.tokenizer.padding_side) == "left"
+            out["offset_mapping"] = [
+                [(0, 0)] * (length - len(o)) + o if left else o + [(0, 0)] * (length - len(o))
+                for o in offsets
+            ]
+        return out
 
     # ----- validation --------------------------------------------------------------------------------------------
     @staticmethod

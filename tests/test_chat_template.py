@@ -185,6 +185,9 @@ def test_apply_chat_template_with_image_items(processor, tokenizer, red_image):
     assert processor(images=[red_image], text=[text])["input_ids"][0].tolist() == ids
     with pytest.raises(Exception, match="roles must be user or assistant"):
         processor.apply_chat_template([{"role": "system", "content": "Be brief."}])
+    # Offsets stay (start, end) pairs in lists even with tensors asked for: the assistant mask walks them in Python.
+    offsets = processor(images=[red_image], text=[text], return_offsets_mapping=True)["offset_mapping"]
+    assert isinstance(offsets, list) and len(offsets[0]) == len(ids) and offsets[0][0] == (0, 3)
 
 
 def test_generation_prompts_are_the_training_prefix(collator, processor, red_image):
