@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sections",
         nargs="+",
         default=None,
-        help="only these sections: block train generation analysis trainer (default: all of the preset's)",
+        help="only these sections: block train generation analysis trainer utilisation (default: all of the "
+        "preset's; --quick leaves out utilisation, a short run of every reproduction step, unless named)",
     )
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)"

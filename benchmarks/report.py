@@ -190,6 +190,10 @@ def to_markdown(report: dict) -> str:
         lines.append("")
         for section in preset["sections"]:
             lines += section_markdown(section)
+        if "utilisation" in preset:
+            from .reproduction import utilisation_markdown
+
+            lines += utilisation_markdown(preset["utilisation"])
     lines += ["### Targets", "", "| preset | case | vs | ratio | target | |", "|---|---|---|---|---|---|"]
     for name, preset in report["presets"].items():
         for section in preset["sections"]:

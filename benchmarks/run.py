@@ -24,10 +24,11 @@ SECTIONS = {
     "generation": C.generation_section,
     "analysis": C.analysis_section,
     "trainer": C.trainer_section,
+    "utilisation": None,  # not a side-by-side comparison: benchmarks.reproduction, run apart below
 }
 # mid: the analysis and Trainer comparisons say nothing new at a bigger size and would cost minutes on a CPU.
 PRESET_SECTIONS = {
-    "tiny": ("block", "train", "generation", "analysis", "trainer"),
+    "tiny": ("block", "train", "generation", "analysis", "trainer", "utilisation"),
     "mid": ("block", "train", "generation"),
 }
 DEFAULT_REPEATS = {"tiny": 7, "mid": 3}
@@ -130,6 +131,14 @@ def run_benchmarks(
             if sections and key not in sections:
                 continue
             start = time.perf_counter()
+            if key == "utilisation":
+                from .reproduction import utilisation_section
+
+                if quick and not sections:  # a smoke run: the short reproduction chain takes minutes
+                    continue
+                entry["utilisation"] = utilisation_section(steps=6 if quick else 12, log=log)
+                log(f"[{name}] {key}: {time.perf_counter() - start:.1f} s")
+                continue
             section = SECTIONS[key](preset, settings, chosen)
             results = measure(
                 section.cases,

@@ -215,3 +215,31 @@ def test_section_rounds_are_clamped_only_when_not_set_explicitly():
     from benchmarks.run import _clamp
 
     assert _clamp(3, 7, None) == 7 and _clamp(7, None, 5) == 5 and _clamp(4, 2, 6) == 4
+
+
+def test_utilisation_section_profiles_every_reproduction_step(tmp_path, monkeypatch):
+    """The short reproduction chain on a small generated world: one row per step, each row's share being its own
+    FLOPs over its own time over the rate measured in the run, and the table shows them all."""
+    from test_train import make_shapes
+
+    from benchmarks.reproduction import utilisation_markdown, utilisation_section
+
+    shapes = make_shapes(tmp_path / "shapes", image_size=64)
+    section = utilisation_section(steps=3, dataset=str(shapes), n_inference=4, repeats=1, log=lambda _: None)
+    names = [row["name"] for row in section["rows"]]
+    assert names == [
+        "CLIP pretraining",
+        "LM pretraining",
+        "Stage 1",
+        "Stage 2",
+        "Stage 3",
+        "dense control",
+        "concept-probe extraction",
+        "caption generation (24 tokens)",
+    ]
+    rate = section["matmul_rate_flops"]
+    for row in section["rows"]:
+        assert row["flops_per_step"] > 0 and row["step_s"] > 0
+        assert row["utilisation"] == pytest.approx(row["flops_per_step"] / row["step_s"] / rate)
+    table = "\n".join(utilisation_markdown(section))
+    assert all(f"| {name} |" in table for name in names) and f"{rate / 1e9:.1f} GFLOP/s" in table

@@ -309,7 +309,8 @@ def run_pretraining(recipe: Recipe, callbacks=()) -> Path:
     torch.manual_seed(training.seed)
     clip = build_clip(config, pretrain)
     clip_collator = ClipCollator(processor.image_processor, pretrain.clip_context_length)
-    clip_before = retrieval_accuracy(clip, clip_collator, validation)
+    measure = pretrain.evaluate  # False: train only (`moe-vlm bench`'s utilisation runs, smoke runs)
+    clip_before = retrieval_accuracy(clip, clip_collator, validation) if measure else None
     clip_dir = out / "clip_run"
     t0 = time.perf_counter()
     clip_args = _sub_run(
@@ -332,20 +333,22 @@ def run_pretraining(recipe: Recipe, callbacks=()) -> Path:
     )
     clip_result = clip_trainer.train(resume_from_checkpoint=_resume_point(training, clip_dir))
     clip_seconds = time.perf_counter() - t0
-    clip_after = retrieval_accuracy(clip, clip_collator, validation)
-    probe = _vision_probe(clip, config, processor, clip_collator, training.seed)
-    print(
-        f"[pretrain] vision probe on fresh renders: shape {probe['shape_accuracy']:.3f}, colour "
-        f"{probe['colour_accuracy']:.3f}, zero-shot shape {probe['zero_shot_shape_accuracy']:.3f}",
-        flush=True,
-    )
+    clip_after = probe = None
+    if measure:
+        clip_after = retrieval_accuracy(clip, clip_collator, validation)
+        probe = _vision_probe(clip, config, processor, clip_collator, training.seed)
+        print(
+            f"[pretrain] vision probe on fresh renders: shape {probe['shape_accuracy']:.3f}, colour "
+            f"{probe['colour_accuracy']:.3f}, zero-shot shape {probe['zero_shot_shape_accuracy']:.3f}",
+            flush=True,
+        )
 
     # The dense Mistral: causal LM on Shapes text.
     torch.manual_seed(training.seed)
     lm = MistralForCausalLM(MistralConfig(**load_preset(stage_args.preset)["mistral_config"]))
     text_collator = MoeVlmCollator(processor)
     validation_texts = [{"caption": c} for c in validation["caption"]]
-    ppl_before = perplexity(lm, text_collator, validation_texts)
+    ppl_before = perplexity(lm, text_collator, validation_texts) if measure else None
     lm_dir = out / "lm_run"
     t0 = time.perf_counter()
     lm_trainer = Trainer(
@@ -361,7 +364,7 @@ def run_pretraining(recipe: Recipe, callbacks=()) -> Path:
     )
     lm_result = lm_trainer.train(resume_from_checkpoint=_resume_point(training, lm_dir))
     lm_seconds = time.perf_counter() - t0
-    ppl_after = perplexity(lm, text_collator, validation_texts)
+    ppl_after = perplexity(lm, text_collator, validation_texts) if measure else None
 
     if training.process_index == 0:
         from safetensors.torch import save_file

@@ -246,6 +246,13 @@ class PretrainArguments:
     eval_samples: int | None = field(
         default=None, metadata={"help": "held-out pairs / texts for retrieval accuracy and perplexity"}
     )
+    evaluate: bool | None = field(
+        default=None,
+        metadata={
+            "help": "measure retrieval, the vision probe and perplexity (False: train only, for timing and smoke "
+            "runs; the marker then holds no measurements, and the report's vision-probe invariant fails saying so)"
+        },
+    )
 
     def __post_init__(self):
         embedded = embedded_recipe("pretrain")

@@ -1,0 +1,194 @@
+"""The `utilisation` section: every step of the reproduction, run short through the commands the reproduction runs,
+with its model FLOP/s against the fp32 matmul rate measured in the same process.
+
+Training steps (CLIP pretraining, LM pretraining, Stages 1, 2, 3, the dense control) run as `moe-vlm train --profile`
+with their own recipes (batch sizes, trainable sets, routing, data), only fewer steps, chained as `moe-vlm reproduce`
+chains them, in a temporary folder; pretraining runs with `--evaluate false` (its held-out measurements are not a
+training step). The two inference steps of the analyses, on the Stage 2 model: the concept-probe extraction
+(`analysis.extract.probe_states`, one forward of images + captions, hidden states of every layer) and caption
+generation (`analysis.extract.generate_captions`, greedy, KV cache), each credited with its analytic forward FLOPs.
+
+Speed does not depend on what the weights learned (top-1 routing runs one expert per token whichever it is), so the
+short chain measures the steps the full reproduction runs. `trainer.profiling` says how each phase is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# (name, stage, from) in the reproduction's order (pipeline.reproduce.TRAINING_STEPS, after pretraining).
+CHAIN = (
+    ("pretrain", "pretrain", None),
+    ("stage0", "0", "pretrain"),
+    ("stage1", "1", "stage0"),
+    ("stage2", "2", "stage1"),
+    ("stage3", "3", "stage2"),
+    ("dense", "dense", "stage1"),
+)
+LABELS = {
+    "clip_run": "CLIP pretraining",
+    "lm_run": "LM pretraining",
+    "stage1": "Stage 1",
+    "stage2": "Stage 2",
+    "stage3": "Stage 3",
+    "dense": "dense control",
+}
+
+
+def _train(out: Path, stage: str, source: Path | None, steps: int, dataset: str | None) -> dict:
+    from moe_vlm_cli import main
+
+    argv = ["train", "--stage", stage, "--out", str(out), "--disable_tqdm", "true", "--save_strategy", "no"]
+    if source is not None:
+        argv += ["--from", str(source)]
+    if stage == "pretrain":
+        argv += ["--clip_max_steps", str(steps), "--lm_max_steps", str(steps), "--evaluate", "false"]
+    elif stage != "0":
+        argv += ["--max_steps", str(steps), "--logging_steps", str(max(1, steps // 3))]
+    if dataset is not None:
+        argv += ["--dataset", dataset]
+    if stage != "0":
+        argv.append("--profile")
+    if main(argv) != 0:
+        raise RuntimeError(f"`moe-vlm {' '.join(argv)}` failed (see the message above)")
+    profile = out / "profile.json"
+    return json.loads(profile.read_text()) if profile.is_file() else {"runs": []}
+
+
+def _timed(run, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one untimed warm-up."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _inference_rows(model_dir: Path, dataset: str | None, rate: float, n: int, repeats: int) -> list[dict]:
+    """Concept-probe extraction and caption generation on `model_dir`, as the analyses run them."""
+    from analysis.captioning import caption_prompt
+    from analysis.extract import generate_captions, probe_states
+    from analysis.run import load_checkpoint, load_data
+    from trainer.flops import generation_flops, step_flops
+
+    model, processor = load_checkpoint(model_dir)
+    data = load_data(dataset, 0, model.config.vision_config.image_size)
+    probe = [data["concept_probe"][i] for i in range(min(n, len(data["concept_probe"])))]
+    test = [data["test"][i] for i in range(min(n, len(data["test"])))]
+    rows = []
+
+    # probe_states' batch: the images (each `<image>` alone) then the captions, padded together; logits_to_keep=1
+    images = [r["image"].convert("RGB") for r in probe]
+    texts = ["<image>"] * len(probe) + [r["caption"] for r in probe]
+    batch = processor(images=images, text=texts, return_tensors="pt")
+    flops = step_flops(model, dict(batch), backward=False, rows=len(texts))
+    seconds = _timed(lambda: probe_states(model, processor, probe, batch_size=len(probe)), repeats)
+    rows.append(_row("concept-probe extraction", len(probe), seconds, flops, rate))
+
+    new_tokens = 24
+    text = caption_prompt(processor, "raw")  # what generate_captions prompts with by default
+    prompt = processor(images=[r["image"].convert("RGB") for r in test], text=[text] * len(test))
+    flops = generation_flops(model, dict(prompt), new_tokens)
+
+    def generate():
+        # min_new_tokens: every call generates the same number of tokens (the FLOPs count assumes it)
+        model.generation_config.min_new_tokens = new_tokens
+        try:
+            generate_captions(model, processor, test, max_new_tokens=new_tokens, batch_size=len(test))
+        finally:
+            model.generation_config.min_new_tokens = None
+
+    seconds = _timed(generate, repeats)
+    rows.append(_row(f"caption generation ({new_tokens} tokens)", len(test), seconds, flops, rate))
+    return rows
+
+
+def _row(name: str, batch: int, seconds: float, flops: float, rate: float | None) -> dict:
+    return {
+        "name": name,
+        "batch": batch,
+        "step_s": seconds,
+        "flops_per_step": flops,
+        "gflops_per_s": flops / seconds / 1e9,
+        "utilisation": flops / seconds / rate if rate else None,
+    }
+
+
+def utilisation_section(
+    steps: int = 12, *, dataset: str | None = None, n_inference: int = 16, repeats: int = 3, log=print
+) -> dict:
+    """Profile every step of the reproduction (see the module docstring); returns the section for the report."""
+    from trainer.flops import matmul_rate
+
+    rows = []
+    rate = matmul_rate()
+    with tempfile.TemporaryDirectory(prefix="moe-vlm-utilisation-") as tmp:
+        work = Path(tmp)
+        for name, stage, source in CHAIN:
+            start = time.perf_counter()
+            profile = _train(work / name, stage, work / source if source else None, steps, dataset)
+            for run in profile["runs"]:
+                summary = run["summary"]
+                rows.append(
+                    {
+                        "name": LABELS.get(run["name"], run["name"]),
+                        "batch": run["batch_size"],
+                        "seconds": summary["seconds"],
+                        "steps": summary["steps"],
+                        **{k: summary.get(k) for k in ("step_s", "flops_per_step", "gflops_per_s")},
+                        "compute_gflops_per_s": summary.get("compute_gflops_per_s"),
+                        # against this section's one rate, so every row divides by the same number
+                        "utilisation": summary["flops_per_step"] / summary["step_s"] / rate,
+                        "compute_utilisation": summary["compute_gflops_per_s"] * 1e9 / rate,
+                        "matmul_rate_at_start": run.get("matmul_rate_flops"),
+                    }
+                )
+            log(f"[utilisation] {name}: {time.perf_counter() - start:.1f} s")
+        rows += _inference_rows(work / "stage2", dataset, rate, n_inference, repeats)
+    return {
+        "title": "Utilisation per reproduction step",
+        "matmul_rate_flops": rate,
+        "threads": torch.get_num_threads(),
+        "steps_per_training_run": steps,
+        "rows": rows,
+    }
+
+
+def utilisation_markdown(section: dict) -> list[str]:
+    rate = section["matmul_rate_flops"]
+    lines = [
+        f"#### {section['title']}",
+        "",
+        f"fp32 matmul rate measured in the same run: **{rate / 1e9:.1f} GFLOP/s** (1024² matmul, "
+        f"{section['threads']} thread(s)). Training steps: medians over {section['steps_per_training_run'] - 1} "
+        "steps of a short run of each recipe (first step left out); time per step in ms.",
+        "",
+        "| step | batch | data | forward | backward | optimizer | bookkeeping | step | model GFLOP/s "
+        "| of matmul rate | compute only |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in section["rows"]:
+        share = f"{100 * row['utilisation']:.1f} %" if row.get("utilisation") is not None else "–"
+        if "seconds" in row:
+            ms = {k: f"{1e3 * v:.1f}" for k, v in row["seconds"].items()}
+            split = [ms["data"], ms["forward"], ms["backward"], ms["optimizer"], ms["bookkeeping"]]
+            compute = f"{100 * row['compute_utilisation']:.1f} %"
+        else:  # inference: one call per batch
+            split, compute = ["", "(forward only)", "", "", ""], share
+        lines.append(
+            f"| {row['name']} | {row['batch']} | "
+            + " | ".join(split)
+            + f" | {1e3 * row['step_s']:.1f} | {row['gflops_per_s']:.1f} | {share} | {compute} |"
+        )
+    return lines + [""]
+
+
+__all__ = ["CHAIN", "utilisation_markdown", "utilisation_section"]
