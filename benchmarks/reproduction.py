@@ -126,10 +126,19 @@ def utilisation_section(
     steps: int = 12, *, dataset: str | None = None, n_inference: int = 16, repeats: int = 3, log=print
 ) -> dict:
     """Profile every step of the reproduction (see the module docstring); returns the section for the report."""
+    from configuration import load_preset
     from trainer.flops import matmul_rate
 
     rows = []
     rate = matmul_rate()
+    # What the tiny model's own matmuls can reach: a Stage 1 batch's rows (16 x ~40 tokens) through the MLP's
+    # up-projection (hidden x intermediate), and through the LM head (hidden x vocabulary) on ~240 labelled rows.
+    lm = load_preset("tiny")["mistral_config"]
+    shapes = {
+        "decoder": (640, lm["hidden_size"], lm["intermediate_size"]),
+        "lm_head": (240, lm["hidden_size"], lm["vocab_size"]),
+    }
+    shape_rates = {name: matmul_rate(shape=shape) for name, shape in shapes.items()}
     with tempfile.TemporaryDirectory(prefix="moe-vlm-utilisation-") as tmp:
         work = Path(tmp)
         for name, stage, source in CHAIN:
@@ -156,6 +165,9 @@ def utilisation_section(
     return {
         "title": "Utilisation per reproduction step",
         "matmul_rate_flops": rate,
+        "matmul_rate_at_model_shapes": {
+            name: {"shape": list(shapes[name]), "flops": value} for name, value in shape_rates.items()
+        },
         "threads": torch.get_num_threads(),
         "steps_per_training_run": steps,
         "rows": rows,
@@ -168,7 +180,12 @@ def utilisation_markdown(section: dict) -> list[str]:
         f"#### {section['title']}",
         "",
         f"fp32 matmul rate measured in the same run: **{rate / 1e9:.1f} GFLOP/s** (1024² matmul, "
-        f"{section['threads']} thread(s)). Training steps: medians over {section['steps_per_training_run'] - 1} "
+        f"{section['threads']} thread(s)); at the tiny model's own shapes: "
+        + ", ".join(
+            f"{name} {'×'.join(map(str, at['shape']))} {at['flops'] / 1e9:.1f} GFLOP/s ({at['flops'] / rate:.0%})"
+            for name, at in section.get("matmul_rate_at_model_shapes", {}).items()
+        )
+        + f". Training steps: medians over {section['steps_per_training_run'] - 1} "
         "steps of a short run of each recipe (first step left out); time per step in ms.",
         "",
         "| step | batch | data | forward | backward | optimizer | bookkeeping | step | model GFLOP/s "

@@ -166,12 +166,13 @@ def generation_flops(model: nn.Module, prompt: dict, new_tokens: int) -> float:
     return float(total)
 
 
-def matmul_rate(size: int = 1024, seconds: float = 0.5) -> float:
-    """fp32 FLOP/s of a square `size` matmul on this process's torch threads (`torch.get_num_threads()`): the rate
-    this CPU reaches on work that is nothing but large matmuls. Best of repeated timed groups (a shared machine's
-    noise only ever slows a sample down)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+def matmul_rate(size: int = 1024, seconds: float = 0.5, shape: tuple[int, int, int] | None = None) -> float:
+    """fp32 FLOP/s of a square `size` matmul (or an (m, k) @ (k, n) one, `shape=(m, k, n)`) on this process's torch
+    threads (`torch.get_num_threads()`): the rate this CPU reaches on work that is nothing but such matmuls. Best of
+    repeated timed groups (a shared machine's noise only ever slows a sample down)."""
+    m, k, n = shape or (size, size, size)
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = torch.empty(m, n)
     torch.mm(a, b, out=out)  # warm
     start = time.perf_counter()
     torch.mm(a, b, out=out)
@@ -184,7 +185,7 @@ def matmul_rate(size: int = 1024, seconds: float = 0.5) -> float:
         for _ in range(number):
             torch.mm(a, b, out=out)
         best = min(best, (time.perf_counter() - start) / number)
-    return 2.0 * size**3 / best
+    return 2.0 * m * k * n / best
 
 
 __all__ = ["generation_flops", "head_rows", "matmul_rate", "step_flops"]
