@@ -22,15 +22,10 @@ from pathlib import Path
 
 import torch
 
-# (name, stage, from) in the reproduction's order (pipeline.reproduce.TRAINING_STEPS, after pretraining).
-CHAIN = (
-    ("pretrain", "pretrain", None),
-    ("stage0", "0", "pretrain"),
-    ("stage1", "1", "stage0"),
-    ("stage2", "2", "stage1"),
-    ("stage3", "3", "stage2"),
-    ("dense", "dense", "stage1"),
-)
+from pipeline.reproduce import PRETRAIN, TRAINING_STEPS
+
+# (name, stage, from) in the reproduction's order: its pretraining, then its own chain of training steps.
+CHAIN = ((PRETRAIN, "pretrain", None), *TRAINING_STEPS)
 LABELS = {
     "clip_run": "CLIP pretraining",
     "lm_run": "LM pretraining",
