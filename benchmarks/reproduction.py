@@ -15,7 +15,6 @@ short chain measures the steps the full reproduction runs. `trainer.profiling` s
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 
 from pipeline.reproduce import PRETRAIN, TRAINING_STEPS
+
+from .timing import Case, measure
 
 # (name, stage, from) in the reproduction's order: its pretraining, then its own chain of training steps.
 CHAIN = ((PRETRAIN, "pretrain", None), *TRAINING_STEPS)
@@ -56,15 +57,12 @@ def _train(out: Path, stage: str, source: Path | None, steps: int, dataset: str 
     return json.loads(profile.read_text()) if profile.is_file() else {"runs": []}
 
 
-def _timed(run, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one untimed warm-up."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(name: str, run, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one untimed warm-up (`benchmarks.timing.measure`)."""
+    measured = measure([Case(name, run)], repeats, torch.device("cpu"), warmup=1, memory=False)[name]
+    if not measured.ok:
+        raise RuntimeError(f"{name}: {measured.error}")
+    return measured.median
 
 
 def _inference_rows(model_dir: Path, dataset: str | None, rate: float, n: int, repeats: int) -> list[dict]:
@@ -85,8 +83,9 @@ def _inference_rows(model_dir: Path, dataset: str | None, rate: float, n: int, r
     texts = ["<image>"] * len(probe) + [r["caption"] for r in probe]
     batch = processor(images=images, text=texts, return_tensors="pt")
     flops = step_flops(model, dict(batch), backward=False, rows=len(texts))
-    seconds = _timed(lambda: probe_states(model, processor, probe, batch_size=len(probe)), repeats)
-    rows.append(_row("concept-probe extraction", len(probe), seconds, flops, rate))
+    name = "concept-probe extraction"
+    seconds = _timed(name, lambda: probe_states(model, processor, probe, batch_size=len(probe)), repeats)
+    rows.append(_row(name, len(probe), seconds, flops, rate))
 
     new_tokens = 24
     text = caption_prompt(processor, "raw")  # what generate_captions prompts with by default
@@ -101,8 +100,9 @@ def _inference_rows(model_dir: Path, dataset: str | None, rate: float, n: int, r
         finally:
             model.generation_config.min_new_tokens = None
 
-    seconds = _timed(generate, repeats)
-    rows.append(_row(f"caption generation ({new_tokens} tokens)", len(test), seconds, flops, rate))
+    name = f"caption generation ({new_tokens} tokens)"
+    seconds = _timed(name, generate, repeats)
+    rows.append(_row(name, len(test), seconds, flops, rate))
     return rows
 
 

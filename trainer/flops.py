@@ -31,8 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.")
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _trains(model: nn.Module, prefix: str) -> bool:
@@ -89,7 +94,7 @@ def _components(model: nn.Module, input_ids: torch.Tensor, head_rows: int, n_ima
     tokens = batch * seq
     hidden, inter = config.hidden_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head_dim = _head_dim(config)
     parts = _trainable_parts(model)
     out = []
     if getattr(config, "vision_config", None) is not None and n_images:
@@ -156,10 +161,10 @@ def generation_flops(model: nn.Module, prompt: dict, new_tokens: int) -> float:
     batch, prompt_len = ids.shape
     total = step_flops(model.eval(), prompt, backward=False, rows=batch)
     config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     per_token = step_flops(model, {"input_ids": ids[:, :1]}, backward=False, rows=batch)
-    scores_1 = 4.0 * heads * head_dim * batch * config.num_hidden_layers  # per context position
+    scores_1 = (
+        4.0 * config.num_attention_heads * _head_dim(config) * batch * config.num_hidden_layers
+    )  # per context position
     for step in range(1, new_tokens):
         # a 1-token forward counted attention over 1 position; the cache holds prompt_len + step of them
         total += per_token + scores_1 * (prompt_len + step - 1)

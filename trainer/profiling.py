@@ -57,12 +57,12 @@ class StepProfiler(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._device = getattr(args, "device", None)
-        self._model = model
         self._steps: list[dict] = []
         self._current: dict | None = None
         self._mark = None  # end of the previous step's bookkeeping (or of start-up)
         self._fwd_start = self._fwd_end = None
-        self._count_next = not hasattr(getattr(model, "config", None), "num_hidden_layers")
+        # A model without an analytic count (no decoder config: the CLIP pretrainer's): one step is counted instead
+        self._needs_counter = not hasattr(getattr(model, "config", None), "num_hidden_layers")
         self._counter = None
         self._counted_flops: float | None = None
         rate = matmul_rate(self.rate_size) if self._device is None or self._device.type == "cpu" else None
@@ -89,7 +89,7 @@ class StepProfiler(TrainerCallback):
             self._current["backward"] += now - self._fwd_end
             self._fwd_end = None
         self._fwd_start = now
-        if self._counter is None and not self._count_next and "input_ids" in kwargs:
+        if not self._needs_counter and "input_ids" in kwargs:
             self._current["flops"] += step_flops(module, kwargs)
 
     def _after_forward(self, module, args, output):
@@ -105,10 +105,7 @@ class StepProfiler(TrainerCallback):
             self._steps[-1]["bookkeeping"] = self._mark - self._steps[-1].pop("_end")
         self._current = {phase: 0.0 for phase in PHASES}
         self._current.update(step=state.global_step + 1, flops=0.0, data=now - self._mark)
-        self._begin = now
-        if (
-            self._count_next and len(self._steps) == self.warmup
-        ):  # a model without an analytic count: count it
+        if self._needs_counter and len(self._steps) == self.warmup:
             from torch.utils.flop_counter import FlopCounterMode
 
             self._counter = FlopCounterMode(display=False)
@@ -158,7 +155,6 @@ class StepProfiler(TrainerCallback):
             self._steps[self.warmup :] or self._steps, self._run["matmul_rate_flops"]
         )
         self.runs.append(self._run)
-        self._model = None
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
