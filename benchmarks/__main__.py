@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_vlm_cli import UserError
+from moe_vlm_cli import UserError, tune_allocator
 
 from .cli import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as `moe-vlm bench` runs: both entry points measure under the same allocator settings
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
