@@ -118,6 +118,48 @@ def _grad_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, *args
     return torch.autograd.grad(module(x, *args), [x, *params], grad_out, allow_unused=True)
 
 
+def _arithmetic_floor(moe, dense, x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor) -> dict:
+    """What any top-1 experts kernel pays at the least: `sorted_top1`'s SwiGLU forward + written-out backward with
+    no dispatch (no router, no sort or gathers, no autograd), on the dense MLP's weights (all rows, one group) and on
+    the two experts' weights (rows already grouped by the hard routing of `mask`). Against the dense MLP they show
+    how much of an MoE block's cost is arithmetic and how much is dispatch. Name -> (the timed call, the module whose
+    weights it uses)."""
+    from modeling_moe_vlm.experts_kernels import grouped_swiglu_backward, grouped_swiglu_forward
+
+    rows = x.detach().reshape(-1, x.size(-1))  # (T, H)
+    grads = grad_out.reshape(-1, x.size(-1))  # (T, H)
+    image = mask.reshape(-1)
+    order = torch.cat([image.nonzero().flatten(), (~image).nonzero().flatten()])  # image rows, then text rows
+    roles = moe.gate.config.modality_to_expert
+    experts = [roles["image"], roles["text"]]  # the experts of the two groups, in that order
+    counts = [int(image.sum()), int((~image).sum())]
+    with torch.no_grad():
+        dense_gate_up = torch.cat([dense.gate_proj.weight, dense.up_proj.weight])[None]  # (1, 2I, H)
+        dense_down = dense.down_proj.weight[None]  # (1, H, I)
+        moe_gate_up = moe.experts.gate_up_proj.detach()[experts]  # (2, 2I, H), in `counts` order
+        moe_down = moe.experts.down_proj.detach()[experts]  # (2, H, I)
+    sorted_rows, sorted_grads = rows[order].contiguous(), grads[order].contiguous()
+
+    def step(xs, gys, counts_, gate_up, down):
+        @torch.no_grad()
+        def run():
+            g, u, act, h, _ = grouped_swiglu_forward(xs, counts_, gate_up, down)
+            return grouped_swiglu_backward(gys.clone(), counts_, xs, g, u, act, h, gate_up, down)
+
+        return run
+
+    return {
+        "dense MLP arithmetic alone (backward written out)": (
+            step(rows, grads, [rows.size(0)], dense_gate_up, dense_down),
+            dense,
+        ),
+        "two experts' arithmetic alone (rows pre-grouped, no dispatch)": (
+            step(sorted_rows, sorted_grads, counts, moe_gate_up, moe_down),
+            moe,
+        ),
+    }
+
+
 def block_section(preset: BenchPreset, settings: Settings) -> Section:
     """The MoE block (router + experts) vs the dense SwiGLU MLP vs the naive compute-both-experts block, forward
     + backward on the hidden states of one training batch, for each experts kernel and two routing modes."""
@@ -167,6 +209,12 @@ def block_section(preset: BenchPreset, settings: Settings) -> Section:
         )
     )
     comparisons = [Comparison("naive both experts (hard)", "dense MLP", target=("within", (1.7, 2.3)))]
+    for name, (arithmetic, module) in _arithmetic_floor(moe, dense, x, grad_out, mask).items():
+        holds = lambda m=module: resident_bytes(m)  # noqa: E731
+        cases.append(
+            Case(name, lambda f=arithmetic: [f() for _ in range(number)], items=tokens, resident=holds)
+        )
+        comparisons.append(Comparison(name, "dense MLP"))
     for mode in ("hard", "gumbel"):
         for kernel in KERNELS:
             name = f"MoE block {mode} [{kernel}]"

@@ -55,6 +55,57 @@ def _weight_grad(weight: torch.Tensor, live: list[int]) -> torch.Tensor:
     return grad
 
 
+def grouped_swiglu_forward(x: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor):
+    """The experts' arithmetic on rows already in expert order: rows `counts[0]` first go through expert 0, and so on.
+    x (T, H) -> g, u, act = silu(g), h = act * u (T, I each) and y = down(h) (T, H), the last the output and the rest
+    what the backward needs. Separate from the dispatch so that `moe-vlm bench` can time the arithmetic alone: what
+    any top-1 kernel must pay at the least."""
+    inter, rows = down.size(-1), x.size(0)
+    g, u, y = x.new_empty(rows, inter), x.new_empty(rows, inter), x.new_empty(rows, down.size(1))
+    live = [e for e, n in enumerate(counts) if n]
+    xs, gs, us, ys = x.split(counts), g.split(counts), u.split(counts), y.split(counts)
+    for e in live:
+        torch.mm(xs[e], gate_up[e, :inter].t(), out=gs[e])
+        torch.mm(xs[e], gate_up[e, inter:].t(), out=us[e])
+    act = F.silu(g)  # (T, I), kept for the backward
+    h = act * u  # (T, I)
+    hs = h.split(counts)
+    for e in live:
+        torch.mm(hs[e], down[e].t(), out=ys[e])
+    return g, u, act, h, y
+
+
+def grouped_swiglu_backward(
+    gy, counts, x, g, u, act, h, gate_up, down, need_x=True, need_gate_up=True, need_down=True
+):
+    """The backward of `grouped_swiglu_forward` from gy (T, H), the gradient of y: the gradients of x (T, H), of
+    gate_up (E, 2I, H) and of down (E, H, I), each None where not needed. Consumes gy's buffer."""
+    inter = down.size(-1)
+    live = [e for e, n in enumerate(counts) if n]
+    gh = torch.empty_like(h)  # (T, I)
+    gys, ghs, hs = gy.split(counts), gh.split(counts), h.split(counts)
+    grad_down = _weight_grad(down, live) if need_down else None
+    for e in live:
+        torch.mm(gys[e], down[e], out=ghs[e])
+        if need_down:
+            torch.mm(gys[e].t(), hs[e], out=grad_down[e])
+    # h = silu(g) * u: d/dg through aten's fused silu_backward (what autograd runs for F.silu), d/du = silu(g)
+    dg = torch.ops.aten.silu_backward(gh * u, g)  # (T, I)
+    du = gh.mul_(act)  # (T, I); gh is not needed after this
+    grad_gate_up = _weight_grad(gate_up, live) if need_gate_up else None
+    gx = torch.empty_like(x) if need_x else None  # (T, H)
+    dgs, dus, xs = dg.split(counts), du.split(counts), x.split(counts)
+    gxs = gx.split(counts) if need_x else None
+    for e in live:
+        if need_x:
+            torch.mm(dgs[e], gate_up[e, :inter], out=gxs[e])
+            gxs[e].addmm_(dus[e], gate_up[e, inter:])
+        if need_gate_up:
+            torch.mm(dgs[e].t(), xs[e], out=grad_gate_up[e, :inter])
+            torch.mm(dus[e].t(), xs[e], out=grad_gate_up[e, inter:])
+    return gx, grad_gate_up, grad_down
+
+
 class _SortedTop1Experts(torch.autograd.Function):
     """out[t] = w[t] * down[e_t] @ (silu(g) * u), g = gate[e_t] @ x[t], u = up[e_t] @ x[t], for each token t.
 
@@ -65,58 +116,26 @@ class _SortedTop1Experts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, expert_ids, weights, gate_up, down):
-        inter = down.size(-1)
         counts = torch.bincount(expert_ids, minlength=gate_up.size(0)).tolist()  # the one host sync
         perm = torch.argsort(expert_ids, stable=True)  # (T,) rows in expert order
         inv = torch.argsort(perm)  # (T,) back to token order
         x = hidden.index_select(0, perm)  # (T, H)
-        g, u = x.new_empty(x.size(0), inter), x.new_empty(x.size(0), inter)  # (T, I) each
-        y = x.new_empty(x.size(0), down.size(1))  # (T, H)
-        live = [e for e, n in enumerate(counts) if n]
-        xs, gs, us, ys = x.split(counts), g.split(counts), u.split(counts), y.split(counts)
-        for e in live:
-            torch.mm(xs[e], gate_up[e, :inter].t(), out=gs[e])
-            torch.mm(xs[e], gate_up[e, inter:].t(), out=us[e])
-        act = F.silu(g)  # (T, I), kept for the backward
-        h = act * u  # (T, I)
-        hs = h.split(counts)
-        for e in live:
-            torch.mm(hs[e], down[e].t(), out=ys[e])
+        g, u, act, h, y = grouped_swiglu_forward(x, counts, gate_up, down)
         w = weights.index_select(0, perm).unsqueeze(-1)  # (T, 1)
         ctx.save_for_backward(perm, inv, x, g, u, act, h, y, w, gate_up, down)
-        ctx.counts, ctx.live = counts, live
+        ctx.counts = counts
         return (y * w).index_select(0, inv)  # (T, H), token order
 
     @staticmethod
     def backward(ctx, grad_out):
         perm, inv, x, g, u, act, h, y, w, gate_up, down = ctx.saved_tensors
-        counts, live = ctx.counts, ctx.live
         need_x, _, need_w, need_gate_up, need_down = ctx.needs_input_grad
-        inter = down.size(-1)
         go = grad_out.index_select(0, perm)  # (T, H), expert order
         grad_w = torch.linalg.vecdot(go, y).index_select(0, inv) if need_w else None  # (T,)
         gy = go.mul_(w)  # (T, H): gradient of y (go is a fresh gather: in place is safe)
-        gh = torch.empty_like(h)  # (T, I)
-        gys, ghs, hs = gy.split(counts), gh.split(counts), h.split(counts)
-        grad_down = _weight_grad(down, live) if need_down else None
-        for e in live:
-            torch.mm(gys[e], down[e], out=ghs[e])
-            if need_down:
-                torch.mm(gys[e].t(), hs[e], out=grad_down[e])
-        # h = silu(g) * u: d/dg through aten's fused silu_backward (what autograd runs for F.silu), d/du = silu(g)
-        dg = torch.ops.aten.silu_backward(gh * u, g)  # (T, I)
-        du = gh.mul_(act)  # (T, I); gh is not needed after this
-        grad_gate_up = _weight_grad(gate_up, live) if need_gate_up else None
-        gx = torch.empty_like(x) if need_x else None  # (T, H)
-        dgs, dus, xs = dg.split(counts), du.split(counts), x.split(counts)
-        gxs = gx.split(counts) if need_x else None
-        for e in live:
-            if need_x:
-                torch.mm(dgs[e], gate_up[e, :inter], out=gxs[e])
-                gxs[e].addmm_(dus[e], gate_up[e, inter:])
-            if need_gate_up:
-                torch.mm(dgs[e].t(), xs[e], out=grad_gate_up[e, :inter])
-                torch.mm(dus[e].t(), xs[e], out=grad_gate_up[e, inter:])
+        gx, grad_gate_up, grad_down = grouped_swiglu_backward(
+            gy, ctx.counts, x, g, u, act, h, gate_up, down, need_x, need_gate_up, need_down
+        )
         grad_x = gx.index_select(0, inv) if need_x else None
         return grad_x, None, grad_w, grad_gate_up, grad_down
 
