@@ -16,6 +16,15 @@ CONNECTOR_TYPES = ("linear", "mlp2x_gelu")
 ROUTER_DROPOUT_PLACES = ("logits", "input")
 # The token modalities (equal to `configuration.contract.MODALITIES`: remote code cannot import it; a test checks).
 MODALITIES = ("image", "text")
+# Each router loss's coefficient (a config field) -> the unweighted term the model returns (`router_losses`): the
+# one list the config check, the weighted sum in the forward and the trainer's logging read.
+ROUTER_LOSSES = {
+    "router_aux_loss_coef": "load_balancing_loss",
+    "router_z_loss_coef": "z_loss",
+    "router_specialisation_loss_coef": "specialisation_loss",
+    "router_modality_aux_loss_coef": "modality_balancing_loss",
+    "router_entropy_loss_coef": "entropy_floor_loss",
+}
 # open_clip's ModifiedResNet: the stem divides the side by 4 and stages 2-4 by 2 each (32 in all); its Bottleneck
 # blocks widen the stage's planes by 4.
 RESNET_STRIDE = 32
@@ -179,6 +188,17 @@ class MoeVlmConfig(MistralConfig):
         router_z_loss_coef (`float`): router z-loss coefficient (0 by default).
         router_specialisation_loss_coef (`float`): coefficient of a loss penalising the router for leaving the
             Stage-2 expert roles (cross-entropy of the router towards `modality_to_expert`; the paper's future work).
+        router_modality_aux_loss_coef (`float`): coefficient of the Switch load-balancing loss computed within each
+            modality (image tokens, text tokens) and averaged: every modality spread over the experts.
+        router_entropy_loss_coef (`float`): coefficient of a floor on each layer's routing entropy: the hinge
+            max(0, router_entropy_floor * log E - H(mean router probability)), averaged over layers. It never reads
+            the modality: it forbids a layer sending (nearly) every token to one expert, nothing else.
+        router_entropy_floor (`float`, defaults to 0.5): that floor, as a fraction of log E (0.5 at two experts: no
+            expert above about 89 % of a layer's tokens).
+        router_bias_update_rate (`float`, defaults to 0): auxiliary-loss-free balancing (DeepSeek-V3): each router
+            adds a per-expert bias (`expert_bias`, a buffer, not trained by the loss) to the logits its decision is
+            taken from, and the trainer moves it by this rate after every optimizer step, up for experts that got
+            fewer tokens than the mean, down for those that got more. 0: no bias (none is added or saved).
         output_router_logits (`bool`): return per-layer router logits and chosen experts.
     Vision args:
         vision_config (`MoeVlmVisionConfig` or dict): the open_clip tower; `None` gives a text-only model.
@@ -224,6 +244,10 @@ class MoeVlmConfig(MistralConfig):
     router_aux_loss_coef: float | int = 0.0
     router_z_loss_coef: float | int = 0.0
     router_specialisation_loss_coef: float | int = 0.0
+    router_modality_aux_loss_coef: float | int = 0.0
+    router_entropy_loss_coef: float | int = 0.0
+    router_entropy_floor: float | int = 0.5
+    router_bias_update_rate: float | int = 0.0
     output_router_logits: bool = False
 
     vision_config: dict | PreTrainedConfig | None = None
@@ -293,9 +317,14 @@ class MoeVlmConfig(MistralConfig):
             )
         if self.router_init_std is not None and self.router_init_std < 0:
             raise ValueError(f"router_init_std must be >= 0, got {self.router_init_std}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_specialisation_loss_coef"):
+        for name in (*ROUTER_LOSSES, "router_bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.router_entropy_floor <= 1:
+            raise ValueError(
+                f"router_entropy_floor is a fraction of log(num_experts): it must be in [0, 1], got "
+                f"{self.router_entropy_floor}"
+            )
         if self.connector_type not in CONNECTOR_TYPES:
             raise ValueError(f"connector_type must be one of {CONNECTOR_TYPES}, got {self.connector_type!r}")
         if not 0 <= self.image_token_id < self.vocab_size:
@@ -329,9 +358,7 @@ class MoeVlmConfig(MistralConfig):
     @property
     def router_losses_weighted(self) -> bool:
         """Whether any router loss enters the training loss (a coefficient > 0)."""
-        return bool(
-            self.router_aux_loss_coef or self.router_z_loss_coef or self.router_specialisation_loss_coef
-        )
+        return any(getattr(self, name) for name in ROUTER_LOSSES)
 
     def check_router_mode(self, mode: str) -> None:
         if mode not in ROUTER_MODES:
@@ -342,4 +369,11 @@ class MoeVlmConfig(MistralConfig):
             )
 
 
-__all__ = ["MoeVlmConfig", "MoeVlmVisionConfig", "ROUTER_MODES", "CONNECTOR_TYPES", "ROUTER_DROPOUT_PLACES"]
+__all__ = [
+    "MoeVlmConfig",
+    "MoeVlmVisionConfig",
+    "ROUTER_LOSSES",
+    "ROUTER_MODES",
+    "CONNECTOR_TYPES",
+    "ROUTER_DROPOUT_PLACES",
+]

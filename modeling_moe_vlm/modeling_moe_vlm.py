@@ -17,6 +17,7 @@ experts are recorded by `OutputRecorder` hooks into the output dataclass (no mod
 """
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import open_clip
@@ -46,7 +47,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder
 
-from .configuration_moe_vlm import MoeVlmConfig, MoeVlmVisionConfig
+from .configuration_moe_vlm import ROUTER_LOSSES, MoeVlmConfig, MoeVlmVisionConfig
 
 # Imported for its side effect: it registers experts_implementation="sorted_top1" in transformers' ExpertsInterface.
 from .experts_kernels import KERNEL_NAME  # noqa: F401
@@ -74,7 +75,8 @@ class MoeVlmCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     Adds to `MoeCausalLMOutputWithPast` (whose `aux_loss` holds the weighted sum of the router losses):
     router_indices (`tuple[torch.LongTensor]`): per MoE layer, the chosen expert(s) of every token.
     modality_mask (`torch.BoolTensor`): `(batch, seq)`, True at image-placeholder positions (with the router outputs).
-    load_balancing_loss / z_loss / specialisation_loss (`torch.FloatTensor`): the unweighted router losses, present
+    load_balancing_loss / z_loss / specialisation_loss / modality_balancing_loss / entropy_floor_loss
+        (`torch.FloatTensor`): the unweighted router losses (`configuration_moe_vlm.ROUTER_LOSSES`), present
         when router outputs were requested together with `labels`, or a coefficient is > 0.
 
     During training with `labels`, logits are only computed where labels need them and `logits` is `None`.
@@ -85,6 +87,8 @@ class MoeVlmCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     load_balancing_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
     specialisation_loss: torch.FloatTensor | None = None
+    modality_balancing_loss: torch.FloatTensor | None = None
+    entropy_floor_loss: torch.FloatTensor | None = None
 
 
 class MoeVlmRMSNorm(MistralRMSNorm):
@@ -114,8 +118,20 @@ class MoeVlmRouter(nn.Module):
         # to one logit per expert: the router's input is unchanged, so this is a learned per-modality bias.
         self.modality_embedding = nn.Embedding(2, config.modality_embed_dim)
         self.modality_proj = nn.Linear(config.modality_embed_dim, config.num_experts, bias=False)
+        # Auxiliary-loss-free balancing (`config.router_bias_update_rate`): a per-expert bias on the logits the decision
+        # is taken from, moved by the trainer from the observed load, never by the loss. Saved only where it is used.
+        self.register_buffer(
+            "expert_bias", torch.zeros(config.num_experts), persistent=bool(config.router_bias_update_rate)
+        )
         # Crossover test switch: send every token to the other expert ((index + 1) mod E). Not saved.
         self.invert = False
+
+    def use_expert_bias(self, enabled: bool) -> None:
+        """Save `expert_bias` with the weights (enabled) or not; the forward adds it while the config's rate is > 0."""
+        if enabled:
+            self._non_persistent_buffers_set.discard("expert_bias")
+        else:
+            self._non_persistent_buffers_set.add("expert_bias")
 
     def forward(self, hidden_states: torch.Tensor, is_image: torch.Tensor):
         # hidden_states: (tokens, hidden); is_image: (tokens,) bool
@@ -132,6 +148,8 @@ class MoeVlmRouter(nn.Module):
             decide = decide + modality_term if mode == "modality_aware" else decide
         elif p > 0:
             decide = F.dropout(logits, p)
+        if self.config.router_bias_update_rate:
+            decide = decide + self.expert_bias  # (tokens, E): the decision only, as DeepSeek-V3's bias
         if mode == "hard":
             vision, text = self.config.modality_to_expert["image"], self.config.modality_to_expert["text"]
             index = torch.where(is_image, vision, text).unsqueeze(-1)  # (tokens, 1)
@@ -375,6 +393,7 @@ class MoeVlmPreTrainedModel(MistralPreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=router_std)
             init.normal_(module.modality_proj.weight, mean=0.0, std=router_std)
             init.normal_(module.modality_embedding.weight, mean=0.0, std=1.0)
+            init.zeros_(module.expert_bias)
         elif type(module).__module__.startswith("open_clip") and not isinstance(module, _INITIALISED_BY_BASE):
             # open_clip's bare parameters (the ViT's class and positional embeddings and projection, the ResNet's
             # attention-pool embedding), unknown to the base class, at open_clip's own scale (width ** -0.5). Handled
@@ -539,6 +558,15 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
         return cache is None or cache.get_seq_length() == 0
 
 
+def _switch_balance(dispatched: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """E * sum_e f_e * P_e over the rows `weight` selects (Switch eq. 4-6): dispatched (rows, E) counts, probs (rows, E)
+    router probabilities, weight (rows,) 0/1. Zero where no row is selected."""
+    n = weight.sum().clamp_min(1.0)
+    share = (dispatched * weight[:, None]).sum(0) / n  # (E,) f_e
+    mean_prob = (probs * weight[:, None]).sum(0) / n  # (E,) P_e
+    return dispatched.shape[-1] * (share * mean_prob).sum()
+
+
 def router_losses(
     router_logits: tuple[torch.Tensor, ...],
     router_indices: tuple[torch.Tensor, ...],
@@ -546,14 +574,17 @@ def router_losses(
     attention_mask: torch.Tensor | None,
     config: MoeVlmConfig,
 ) -> dict[str, torch.Tensor]:
-    """Switch load balance, router z-loss and the specialisation loss, from one log-softmax per layer.
+    """The unweighted router losses, from one log-softmax per layer (`ROUTER_LOSSES` names them and their
+    coefficients).
 
     load balance = E * sum_e f_e * P_e (Switch eq. 4-6) with f_e the share of tokens dispatched to e (the actual
     dispatch, so Gumbel noise counts) and P_e the mean router probability, both pooled over layers as
     transformers' `load_balancing_loss_func` does (equal to it when dispatch is the top-k of the probabilities).
-    z-loss = mean logsumexp(logits)^2 (ST-MoE). specialisation = cross-entropy of the router towards
-    `modality_to_expert` (the paper's future work: penalise leaving the Stage-2 roles). Padding is excluded; z and
-    specialisation are means over layers.
+    modality balance = the same term within image tokens and within text tokens (pooled over layers), averaged over
+    the modalities present. z-loss = mean logsumexp(logits)^2 (ST-MoE). specialisation = cross-entropy of the router
+    towards `modality_to_expert` (the paper's future work: penalise leaving the Stage-2 roles). entropy floor =
+    max(0, router_entropy_floor * log E - H(P_l)) with P_l layer l's mean router probability, averaged over layers:
+    it reads no modality. Padding is excluded; z, specialisation and the entropy floor are means over layers.
     """
     num_experts = config.num_experts
     valid = (
@@ -563,25 +594,34 @@ def router_losses(
     )
     valid = valid.reshape(-1).float()  # (tokens,)
     n_valid = valid.sum().clamp_min(1.0)
-    target = torch.where(
-        modality_mask.reshape(-1), config.modality_to_expert["image"], config.modality_to_expert["text"]
-    )
-    dispatched_sum = torch.zeros(num_experts, device=valid.device)
-    prob_sum = torch.zeros(num_experts, device=valid.device)
-    z, spec = [], []
+    is_image = modality_mask.reshape(-1)
+    target = torch.where(is_image, config.modality_to_expert["image"], config.modality_to_expert["text"])
+    floor = config.router_entropy_floor * math.log(num_experts)
+    dispatched_all, probs_all, z, spec, entropy_gap = [], [], [], [], []
     for logits, index in zip(router_logits, router_indices):
         log_probs = logits.float().log_softmax(dim=-1)  # the single softmax: (tokens, E)
-        dispatched = F.one_hot(index, num_experts).sum(dim=1).float()  # (tokens, E)
-        dispatched_sum = dispatched_sum + (dispatched * valid[:, None]).sum(0)
-        prob_sum = prob_sum + (log_probs.exp() * valid[:, None]).sum(0)
+        probs = log_probs.exp()
+        dispatched_all.append(F.one_hot(index, num_experts).sum(dim=1).float())  # (tokens, E)
+        probs_all.append(probs)
         logsumexp = logits.float()[:, 0] - log_probs[:, 0]  # log Z = logit - log p, for any column
         z.append((logsumexp.square() * valid).sum() / n_valid)
         spec.append(-(log_probs.gather(-1, target[:, None]).squeeze(-1) * valid).sum() / n_valid)
-    n_rows = n_valid * len(router_logits)
+        mean_prob = (probs * valid[:, None]).sum(0) / n_valid  # (E,)
+        entropy = -(mean_prob * mean_prob.clamp_min(1e-12).log()).sum()
+        entropy_gap.append(F.relu(floor - entropy))
+    dispatched, probs = (
+        torch.cat(dispatched_all),
+        torch.cat(probs_all),
+    )  # (layers * tokens, E): pooled over layers
+    rows = valid.repeat(len(router_logits))  # (layers * tokens,)
+    image_rows = is_image.float().repeat(len(router_logits)) * rows
+    per_modality = [_switch_balance(dispatched, probs, w) for w in (image_rows, rows - image_rows) if w.any()]
     return {
-        "load_balancing_loss": num_experts * ((dispatched_sum / n_rows) * (prob_sum / n_rows)).sum(),
+        "load_balancing_loss": _switch_balance(dispatched, probs, rows),
         "z_loss": torch.stack(z).mean(),
         "specialisation_loss": torch.stack(spec).mean(),
+        "modality_balancing_loss": torch.stack(per_modality).mean() if per_modality else rows.sum() * 0,
+        "entropy_floor_loss": torch.stack(entropy_gap).mean(),
     }
 
 
@@ -609,6 +649,14 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
         """Switch routing (`hard` | `gumbel` | `softmax` | `modality_aware`) in place; weights are untouched."""
         self.config.check_router_mode(mode)
         self.config.router_mode = mode
+
+    def set_router_bias_update_rate(self, rate: float) -> None:
+        """Turn auxiliary-loss-free balancing on (`rate` > 0: every router adds its `expert_bias` to the logits it
+        decides from, and saves it) or off (0: no bias added or saved). The trainer moves the bias
+        (`trainer.bias_balancing`); a bias already learned is kept, whatever the rate."""
+        self.config.router_bias_update_rate = rate
+        for block in self.moe_blocks().values():
+            block.gate.use_expert_bias(bool(rate))
 
     def set_invert_routing(self, invert: bool = True, layers: list[int] | None = None) -> None:
         """Send each token to the other expert in `layers` (default: every MoE layer) — the crossover test.
@@ -717,11 +765,7 @@ class MoeVlmForCausalLM(MoeVlmPreTrainedModel, MistralForCausalLM):
             terms = router_losses(
                 outputs.router_logits, outputs.router_indices, outputs.modality_mask, attention_mask, cfg
             )
-            aux_loss = (
-                cfg.router_aux_loss_coef * terms["load_balancing_loss"]
-                + cfg.router_z_loss_coef * terms["z_loss"]
-                + cfg.router_specialisation_loss_coef * terms["specialisation_loss"]
-            )
+            aux_loss = sum(getattr(cfg, coef) * terms[term] for coef, term in ROUTER_LOSSES.items())
             if loss is not None and weighted:
                 loss = loss + aux_loss.to(loss.device)
 

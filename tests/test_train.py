@@ -324,6 +324,32 @@ def test_stage3_with_hard_routing_trains_the_router_only_through_the_specialisat
     assert any("router/specialisation_loss" in entry for entry in history)
 
 
+def test_stage3_regularisers_train_and_log(workdir, shapes, pipeline):
+    """The ablations' regularisers through a real Stage 3: the two new losses are logged, and the auxiliary-loss-free
+    bias moves by the rate every step (4 steps of 0.05: each entry a multiple of 0.05, at most 0.2) and is saved."""
+    out = train(
+        "3",
+        workdir / "regularised3",
+        pipeline["2"],
+        quick_args(
+            shapes,
+            router_modality_aux_loss_coef=0.01,
+            router_entropy_loss_coef=0.01,
+            router_bias_update_rate=0.05,
+        ),
+    )
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    for term in ("modality_balancing_loss", "entropy_floor_loss"):
+        assert any(f"router/{term}" in entry for entry in history)
+    biases = {n: t for n, t in weights(out).items() if n.endswith("expert_bias")}
+    assert biases and not any(n.endswith("expert_bias") for n in weights(pipeline["2"]))
+    for bias in biases.values():
+        steps = bias / 0.05
+        torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
+        assert bias.abs().max() <= 0.2 + 1e-6 and bias.abs().max() > 0
+    assert json.loads((out / "config.json").read_text())["router_bias_update_rate"] == 0.05
+
+
 def test_a_bypassed_router_trains_only_with_a_router_loss(tiny_model):
     tiny_model.set_router_mode("hard")
     assert (

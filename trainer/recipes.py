@@ -129,6 +129,29 @@ class StageArguments:
             "help": "penalise the router for leaving the Stage 2 expert roles (the paper's future work 2)"
         },
     )
+    router_modality_aux_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Switch load-balancing loss within each modality (image, text), averaged (0: none)"
+        },
+    )
+    router_entropy_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "coefficient of a floor on each layer's routing entropy (never reads the modality; 0: none)"
+        },
+    )
+    router_entropy_floor: float | None = field(
+        default=None,
+        metadata={"help": "that floor, a fraction of log(num_experts) (unset: the model's, 0.5 by default)"},
+    )
+    router_bias_update_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "auxiliary-loss-free balancing (DeepSeek-V3): move a per-expert bias on the routing logits "
+            "by this much after every optimizer step, against the observed load (0: no bias)"
+        },
+    )
     router_dropout: float | None = field(
         default=None,
         metadata={

@@ -18,6 +18,9 @@ from typing import ClassVar
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer
 
+from modeling_moe_vlm.configuration_moe_vlm import ROUTER_LOSSES
+
+from .bias_balancing import ExpertBiasBalancer, ExpertBiasCallback
 from .callbacks import (
     CompactPrinterCallback,
     CompactProgressCallback,
@@ -31,9 +34,10 @@ from .routing_stats import PROBE_PREFIX, RoutingAccumulator, RoutingProbe, flatt
 # A router parameter's name, wherever a wrapper (FSDP, activation checkpointing) inserts a prefix: `...mlp.gate.weight`
 # (`freezing.PARAMETER_GROUPS["router"]` anchors the plain model's names; a dense `mlp.gate_proj` does not match).
 ROUTER_PARAMETER = re.compile(r"(^|\.)mlp\.gate\.")
-ROUTER_LOSS_COEFS = ("router_aux_loss_coef", "router_z_loss_coef", "router_specialisation_loss_coef")
-# Unweighted router losses the model returns with its router outputs, averaged between logging steps.
-ROUTER_LOSS_TERMS = ("load_balancing_loss", "z_loss", "specialisation_loss")
+# The router losses' coefficients (recipe fields copied onto the model's config) and the unweighted terms the model
+# returns with its router outputs (averaged between logging steps): the model's own list.
+ROUTER_LOSS_COEFS = tuple(ROUTER_LOSSES)
+ROUTER_LOSS_TERMS = tuple(ROUTER_LOSSES.values())
 
 
 class MoeVlmStageTrainer(Trainer):
@@ -66,6 +70,11 @@ class MoeVlmStageTrainer(Trainer):
         probe_info = self.routing_probe.info() if self.routing_probe is not None else None
         callbacks = list(kwargs.pop("callbacks", None) or [])
         callbacks += [RoutingStatsCallback(self.stage, probe_info)] if self.is_moe else []
+        rate = stage_args.router_bias_update_rate
+        self.bias_balancer = None
+        if rate and self.is_moe:
+            self.bias_balancer = ExpertBiasBalancer(model.config.moe_layers, model.config.num_experts, rate)
+            callbacks.append(ExpertBiasCallback(self.bias_balancer, self._sum_across_processes))
         callbacks += self.stage_callbacks(model, stage_args)
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         for plain, compact in (
@@ -90,6 +99,10 @@ class MoeVlmStageTrainer(Trainer):
             model.config.router_dropout = stage_args.router_dropout
         for name in ROUTER_LOSS_COEFS:
             setattr(model.config, name, getattr(stage_args, name))
+        if stage_args.router_entropy_floor is not None:
+            model.config.router_entropy_floor = stage_args.router_entropy_floor
+        if hasattr(model, "set_router_bias_update_rate"):
+            model.set_router_bias_update_rate(stage_args.router_bias_update_rate)
         model.config.check_moe_vlm()
 
     def stage_callbacks(self, model, stage_args: StageArguments) -> list:
@@ -187,6 +200,8 @@ class MoeVlmStageTrainer(Trainer):
                 outputs.modality_mask,
                 inputs.get("attention_mask"),
             )
+            if self.bias_balancer is not None:
+                self.bias_balancer.observe(outputs.router_indices, inputs.get("attention_mask"))
             for name in ROUTER_LOSS_TERMS:
                 if getattr(outputs, name, None) is not None:
                     self._router_losses[name].append(float(getattr(outputs, name).detach()))
