@@ -37,6 +37,7 @@ from .extract import (
     routing_arrays,
 )
 from .grounding import caption_grounding
+from .information import routing_information_report
 from .load import DYNAMICS_FIELDS, load_report, routing_dynamics
 from .similarity import MATRIX_VARIANTS, group_concepts
 from .stats import diagonal_tests, silhouette_interval
@@ -332,6 +333,9 @@ def analyze(
         )
         result["crossover"] = crossover_test(
             model, collator, test_rows[: max(16, n_samples // 2)], batch_size
+        )
+        result["routing_information"] = routing_information_report(
+            per_layer, model.config.num_experts, seed=seed
         )
         init_model = load_checkpoint(init_dir)[0] if init_dir is not None else None
         result["expert_similarity"] = expert_similarity(model, collator, test_rows[:64], init_model)

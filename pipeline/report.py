@@ -16,6 +16,7 @@ never drawn from a model that could not have shown the effect. `report.json["hea
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import math
@@ -318,42 +319,45 @@ def _grounding(analysis: dict) -> dict:
 
 
 def summary_rows(analyses: dict[str, dict], captioning: dict[str, dict]) -> list[dict]:
-    """One row per analysed model: captioning, grounding, the diagonal of both matrices at the analysed (last)
-    layer, crossover and collapse (`collapsed`: hard, top-1 dispatch; `collapsed_soft`: mean router probability).
-    `binomial_*` are the raw (paper's) matrix, `diagonal` has both variants."""
-    rows = []
-    for stage in ("stage2", "stage3", "dense"):
-        if stage not in analyses and stage not in captioning:
-            continue
-        a, c = analyses.get(stage, {}), captioning.get(stage, {}).get("metrics", {})
-        diagonal = diagonal_summary(a)
-        layer = max((int(k) for k in diagonal.get("raw", {})), default=None)
-        at_layer = {v: d[str(layer)] for v, d in diagonal.items() if layer is not None and str(layer) in d}
-        raw = at_layer.get("raw", {})
-        g = _grounding(a)
-        rows.append(
-            {
-                "model": MODEL_NAMES[stage],
-                "key": stage,
-                "Bleu_4": c.get("scaled", {}).get("Bleu_4"),
-                "METEOR": c.get("scaled", {}).get("METEOR"),
-                "ROUGE_L": c.get("scaled", {}).get("ROUGE_L"),
-                "CIDEr": c.get("scaled", {}).get("CIDEr"),
-                "grounding_shape": g.get("shape_accuracy"),
-                "grounding_colour": g.get("colour_accuracy"),
-                "grounding_n": g.get("n"),
-                "binomial_k": raw.get("k"),
-                "binomial_n": raw.get("n"),
-                "binomial_p": raw.get("p_binomial"),
-                "diagonal": at_layer,
-                "layer": layer,
-                "crossover_pct": a.get("crossover", {}).get("increase_pct"),
-                "collapsed": a.get("load", {}).get("n_collapsed"),
-                "collapsed_soft": a.get("load", {}).get("n_collapsed_soft"),
-                "n_layers": a.get("load", {}).get("n_layers"),
-            }
-        )
-    return rows
+    """One row per analysed model (`model_row`) of the protocol's three: Stage 2, Stage 3, the dense control."""
+    return [
+        model_row(stage, MODEL_NAMES[stage], analyses.get(stage, {}), captioning.get(stage, {}))
+        for stage in ("stage2", "stage3", "dense")
+        if stage in analyses or stage in captioning
+    ]
+
+
+def model_row(key: str, name: str, a: dict, captioning: dict) -> dict:
+    """One analysed model's row (`a`: its analysis.json, `captioning`: its captioning.json): captioning, grounding,
+    the diagonal of both matrices at the analysed (last) layer, crossover and collapse (`collapsed`: hard, top-1
+    dispatch; `collapsed_soft`: mean router probability). `binomial_*` are the raw (paper's) matrix, `diagonal` has
+    both variants."""
+    c = captioning.get("metrics", {})
+    diagonal = diagonal_summary(a)
+    layer = max((int(k) for k in diagonal.get("raw", {})), default=None)
+    at_layer = {v: d[str(layer)] for v, d in diagonal.items() if layer is not None and str(layer) in d}
+    raw = at_layer.get("raw", {})
+    g = _grounding(a)
+    return {
+        "model": name,
+        "key": key,
+        "Bleu_4": c.get("scaled", {}).get("Bleu_4"),
+        "METEOR": c.get("scaled", {}).get("METEOR"),
+        "ROUGE_L": c.get("scaled", {}).get("ROUGE_L"),
+        "CIDEr": c.get("scaled", {}).get("CIDEr"),
+        "grounding_shape": g.get("shape_accuracy"),
+        "grounding_colour": g.get("colour_accuracy"),
+        "grounding_n": g.get("n"),
+        "binomial_k": raw.get("k"),
+        "binomial_n": raw.get("n"),
+        "binomial_p": raw.get("p_binomial"),
+        "diagonal": at_layer,
+        "layer": layer,
+        "crossover_pct": a.get("crossover", {}).get("increase_pct"),
+        "collapsed": a.get("load", {}).get("n_collapsed"),
+        "collapsed_soft": a.get("load", {}).get("n_collapsed_soft"),
+        "n_layers": a.get("load", {}).get("n_layers"),
+    }
 
 
 def _diagonal_found(row: dict) -> list[str]:
@@ -586,6 +590,51 @@ def _share(part: float, whole: float) -> str:
     return f"{part / whole:.0%}" if whole else "–"
 
 
+def _put_finite(out: dict[str, float], name: str, value) -> None:
+    """`out[name] = float(value)` for a finite number (bools as 0 / 1); anything else is left out."""
+    if isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        out[name] = float(value)
+
+
+def model_metrics(row: dict, analysis: dict) -> dict[str, float]:
+    """One model's numbers worth a seed interval, unprefixed: captioning, grounding, the diagonal per matrix variant at
+    the analysed layer, crossover, collapse under both definitions (`collapsed_layers`: hard, `collapsed_soft_layers`:
+    soft), silhouettes, binding, and the routing's mutual information with the modality (mean over layers and per
+    layer, normalised by H(modality)). Only finite numbers. `row`: its `model_row`."""
+    out: dict[str, float] = {}
+    put = functools.partial(_put_finite, out)
+
+    for metric in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        put(f"captioning_{metric}", row.get(metric))
+    put("grounding_shape_accuracy", row.get("grounding_shape"))
+    put("grounding_colour_accuracy", row.get("grounding_colour"))
+    for variant, d in (row.get("diagonal") or {}).items():
+        put(f"{variant}_diagonal_k_over_n", d.get("k_over_n"))
+        put(f"{variant}_diagonal_p_binomial", d.get("p_binomial"))
+        put(f"{variant}_diagonal_p_permutation_margin", d.get("p_permutation_margin"))
+        put(f"{variant}_diagonal_mean_margin", d.get("mean_margin"))
+        put(f"{variant}_offset_share", d.get("offset_share"))
+    put("crossover_increase_pct", row.get("crossover_pct"))
+    for key, value in (analysis.get("load") or {}).items():  # n_collapsed and any other collapse count
+        if key.startswith("n_collapsed"):
+            put(f"{key[2:]}_layers", value)
+    tsne = analysis.get("tsne") or {}
+    put("silhouette_modality", tsne.get("silhouette_modality_hidden"))
+    put("silhouette_concept", tsne.get("silhouette_concept_hidden"))
+    comp = analysis.get("compositional")
+    if comp:
+        binding = comp[max(comp, key=int)]["binding"]
+        for kind in ("attribute", "object", "swap"):
+            put(f"binding_{kind}", (binding.get(kind) or {}).get("fraction"))
+    information = analysis.get("routing_information") or {}
+    put("routing_mi", information.get("mean_normalised"))
+    for layer, r in sorted((information.get("layers") or {}).items(), key=lambda kv: int(kv[0])):
+        put(f"routing_mi_layer{layer}", r.get("normalised"))
+    return out
+
+
 def headline(rows: list[dict], analyses: dict[str, dict], run_dir: Path | None = None) -> dict[str, float]:
     """The numbers worth a seed interval, flat and stably named: `<model>_<metric>` ({stage2, stage3, dense}),
     the diagonal at the analysed layer per matrix variant, collapse under both definitions
@@ -594,38 +643,11 @@ def headline(rows: list[dict], analyses: dict[str, dict], run_dir: Path | None =
     router's own argmax; `stage3_probe_logit_gap_layer<i>`: the held-out probe's mean logit gap, eval mode), when
     its analysis.json has `routing_dynamics`. Only finite numbers."""
     out: dict[str, float] = {}
-
-    def put(name, value):
-        if isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            out[name] = float(value)
+    put = functools.partial(_put_finite, out)
 
     for r in rows:
-        m = r["key"]
-        for metric in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
-            put(f"{m}_captioning_{metric}", r.get(metric))
-        put(f"{m}_grounding_shape_accuracy", r.get("grounding_shape"))
-        put(f"{m}_grounding_colour_accuracy", r.get("grounding_colour"))
-        for variant, d in (r.get("diagonal") or {}).items():
-            put(f"{m}_{variant}_diagonal_k_over_n", d.get("k_over_n"))
-            put(f"{m}_{variant}_diagonal_p_binomial", d.get("p_binomial"))
-            put(f"{m}_{variant}_diagonal_p_permutation_margin", d.get("p_permutation_margin"))
-            put(f"{m}_{variant}_diagonal_mean_margin", d.get("mean_margin"))
-            put(f"{m}_{variant}_offset_share", d.get("offset_share"))
-        put(f"{m}_crossover_increase_pct", r.get("crossover_pct"))
-        load = analyses.get(m, {}).get("load") or {}
-        for key, value in load.items():  # n_collapsed and any other collapse count (e.g. a soft definition)
-            if key.startswith("n_collapsed"):
-                put(f"{m}_{key[2:]}_layers", value)
-        tsne = analyses.get(m, {}).get("tsne") or {}
-        put(f"{m}_silhouette_modality", tsne.get("silhouette_modality_hidden"))
-        put(f"{m}_silhouette_concept", tsne.get("silhouette_concept_hidden"))
-        comp = analyses.get(m, {}).get("compositional")
-        if comp:
-            binding = comp[max(comp, key=int)]["binding"]
-            for kind in ("attribute", "object", "swap"):
-                put(f"{m}_binding_{kind}", (binding.get(kind) or {}).get("fraction"))
+        for name, value in model_metrics(r, analyses.get(r["key"], {})).items():
+            put(f"{r['key']}_{name}", value)
     # The probe's own agreement is 1 by construction (eval mode dispatches the argmax), so it carries no number worth
     # an interval: the training batches' agreement and the probe's logit gap do.
     dynamics = analyses.get("stage3", {}).get("routing_dynamics") or {}
