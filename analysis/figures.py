@@ -353,3 +353,26 @@ __all__ = [
     "plot_similarity_matrix",
     "plot_tsne",
 ]
+
+
+def plot_ablation_metric(
+    points: Sequence[tuple[str, Mapping | None]], path: str | Path, title: str = "", dpi: int = 120
+) -> str:
+    """One metric across ablation variants: per variant its seeds' values (dots), their mean (bar) and the 95 % t
+    interval (whisker); `points` is `[(variant, summary)]` with summary `pipeline.seeds.interval` plus `values`
+    ({seed: value}), None where the variant has no value."""
+    fig = _new_figure((max(6.0, 0.75 * len(points) + 2), 3.6), dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    for x, (_, summary) in enumerate(points):
+        if not summary or summary.get("mean") is None:
+            continue
+        ax.bar(x, summary["mean"], width=0.6, color="#9ecae1", edgecolor="#3182bd")
+        if summary.get("low") is not None:
+            ax.errorbar(x, summary["mean"], yerr=[[summary["mean"] - summary["low"]], [summary["high"] - summary["mean"]]],
+                        color="black", capsize=4)  # fmt: skip
+        values = [v for v in (summary.get("values") or {}).values() if v is not None]
+        ax.scatter([x] * len(values), values, color="#de2d26", s=14, zorder=3)
+    ax.set_xticks(range(len(points)), [name for name, _ in points], rotation=35, ha="right")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path, dpi)

@@ -16,7 +16,60 @@ def _cmd_reproduce(args) -> None:
         reproduce(args.out, seed=seed, n_samples=args.n_samples, n_eval=args.n_eval, **options)
 
 
+def _cmd_ablate(args) -> None:
+    from .ablate import ablate
+
+    overrides = {}
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    ablate(
+        args.out,
+        args.variants,
+        args.seeds,
+        jobs=args.jobs,
+        n_samples=args.n_samples,
+        n_eval=args.n_eval,
+        cache=not args.no_cache,
+        overrides=overrides or None,
+    )
+
+
+def _register_ablate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ablate",
+        help="Stage 3 under each routing variant (configuration/ablations/), over seeds, and one table",
+        description="From the same Stage 2 checkpoint per seed (Stages 0-2 trained as `moe-vlm reproduce` trains "
+        "them), train Stage 3 under each variant, analyse and evaluate it, and write ablation.md / ablation.json "
+        "(mean and 95%% t interval over seeds, every seed's value) and one figure per metric. Complete cells "
+        "(cell.json) are skipped, so an interrupted run resumes.",
+    )
+    p.add_argument("--out", default="runs/ablate", help="output directory")
+    p.add_argument(
+        "--variants", nargs="+", default=None, metavar="NAME", help="variants to run (default: every one)"
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="N", help="seeds (default 0 1 2)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="cells run at once, each in its own process (default: cores / 2)",
+    )
+    p.add_argument("--n-samples", type=int, default=200, help="test captions for routing/crossover analyses")
+    p.add_argument("--n-eval", type=int, default=100, help="test images captioned for the metrics")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="Stage 3 steps for every variant (a smoke budget; default: each variant's own recipe)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="build the pretraining inside --out")
+    p.set_defaults(func=_cmd_ablate)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_ablate(sub)
     p = sub.add_parser(
         "reproduce",
         help="run the protocol on the embedded default (tiny models, generated data)",

@@ -598,11 +598,18 @@ def _put_finite(out: dict[str, float], name: str, value) -> None:
         out[name] = float(value)
 
 
+def _mean(values) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
 def model_metrics(row: dict, analysis: dict) -> dict[str, float]:
     """One model's numbers worth a seed interval, unprefixed: captioning, grounding, the diagonal per matrix variant at
     the analysed layer, crossover, collapse under both definitions (`collapsed_layers`: hard, `collapsed_soft_layers`:
-    soft), silhouettes, binding, and the routing's mutual information with the modality (mean over layers and per
-    layer, normalised by H(modality)). Only finite numbers. `row`: its `model_row`."""
+    soft), silhouettes, binding, purity (balanced, towards the Stage 2 roles, mean over layers), the experts' CKA and
+    relative weight distance from the shared Stage 0 initialisation (means over layers and weights), and the
+    routing's mutual information with the modality (mean over layers and per layer, normalised by H(modality)).
+    Only finite numbers. `row`: its `model_row`."""
     out: dict[str, float] = {}
     put = functools.partial(_put_finite, out)
 
@@ -628,6 +635,26 @@ def model_metrics(row: dict, analysis: dict) -> dict[str, float]:
         binding = comp[max(comp, key=int)]["binding"]
         for kind in ("attribute", "object", "swap"):
             put(f"binding_{kind}", (binding.get(kind) or {}).get("fraction"))
+    layers = (analysis.get("load") or {}).get("layers") or {}
+    purity = [
+        d["purity"]["balanced"]
+        for d in layers.values()
+        if (d.get("purity") or {}).get("balanced") is not None
+    ]
+    put("purity_balanced", float(np.mean(purity)) if purity else None)
+    similarity = analysis.get("expert_similarity") or {}
+    put("expert_cka", _mean([d.get("cka_experts_0_1") for d in similarity.values()]))
+    put(
+        "expert_distance_from_init",
+        _mean(
+            [
+                weights.get("relative")
+                for d in similarity.values()
+                for expert in (d.get("weight_distance") or {}).values()
+                for weights in expert.values()
+            ]
+        ),
+    )
     information = analysis.get("routing_information") or {}
     put("routing_mi", information.get("mean_normalised"))
     for layer, r in sorted((information.get("layers") or {}).items(), key=lambda kv: int(kv[0])):

@@ -141,3 +141,24 @@ def test_balancer_moves_each_layers_bias_against_its_observed_load():
     assert balancer.counts.sum() == 0  # the next step counts afresh
     balancer.step(model)  # a step that saw no tokens moves nothing
     assert {i: b.gate.expert_bias.tolist() for i, b in model.moe_blocks().items()} == bias
+
+
+def test_a_regulariser_the_checkpoints_code_lacks_is_refused_not_ignored():
+    """A checkpoint runs the modeling code saved with it: code from before a field would take it and ignore it."""
+    from types import SimpleNamespace
+
+    from trainer.recipes import StageArguments
+    from trainer.stages import MoeVlmStageTrainer
+
+    class OldConfig:  # a config class of the code before the regularisers
+        router_aux_loss_coef = 0.0
+
+    old = SimpleNamespace(config=OldConfig())
+    args = StageArguments(stage="3", router_bias_update_rate=0.001, router_entropy_loss_coef=0.5)
+    with pytest.raises(
+        ValueError, match=r"\['router_entropy_loss_coef', 'router_bias_update_rate'\].*predates"
+    ):
+        MoeVlmStageTrainer.check_model_supports(old, args)
+    MoeVlmStageTrainer.check_model_supports(old, StageArguments(stage="3"))  # nothing new asked: fine
+    current = MoeVlmForCausalLM(tiny_config())
+    MoeVlmStageTrainer.check_model_supports(current, args)

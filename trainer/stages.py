@@ -97,6 +97,7 @@ class MoeVlmStageTrainer(Trainer):
             model.config.gumbel_tau = stage_args.gumbel_tau
         if stage_args.router_dropout is not None:
             model.config.router_dropout = stage_args.router_dropout
+        self.check_model_supports(model, stage_args)
         for name in ROUTER_LOSS_COEFS:
             setattr(model.config, name, getattr(stage_args, name))
         if stage_args.router_entropy_floor is not None:
@@ -104,6 +105,21 @@ class MoeVlmStageTrainer(Trainer):
         if hasattr(model, "set_router_bias_update_rate"):
             model.set_router_bias_update_rate(stage_args.router_bias_update_rate)
         model.config.check_moe_vlm()
+
+    @staticmethod
+    def check_model_supports(model, stage_args: StageArguments) -> None:
+        """A checkpoint runs the modeling code saved beside it (remote code): one saved before a router loss or the
+        expert bias existed would take the field and silently ignore it. Refuse instead, naming the fix."""
+        requested = [n for n in (*ROUTER_LOSS_COEFS, "router_bias_update_rate") if getattr(stage_args, n)]
+        if stage_args.router_entropy_floor is not None:
+            requested.append("router_entropy_floor")
+        missing = [n for n in requested if not hasattr(type(model.config), n)]
+        if missing:
+            raise ValueError(
+                f"the recipe sets {missing}, but the model's code ({type(model).__module__}, saved with the "
+                "checkpoint) predates them and would ignore them: train from a checkpoint written by this version "
+                "(rerun its stage), or copy this package's modeling_moe_vlm/*.py into the checkpoint folder"
+            )
 
     def stage_callbacks(self, model, stage_args: StageArguments) -> list:
         if stage_args.gumbel_tau_end is None:

@@ -1,0 +1,395 @@
+"""`moe-vlm ablate`: Stage 3 under each routing variant, from the same Stage 2 checkpoint per seed, analysed and
+evaluated as the reproduction analyses Stage 3, then one table across variants with 95 % intervals over seeds.
+
+A variant is a recipe in `configuration/ablations/<name>.yaml`: a description and the Stage 3 recipe fields it
+changes (`stage3:`), applied over the embedded Stage 3 recipe and written as a complete recipe file beside the run
+(so `null` can unset a field, which the command line cannot).
+
+Layout under `--out`:
+
+    seed<N>/pretrain, stage0, stage1, stage2      the shared chain (as `moe-vlm reproduce` builds it)
+    seed<N>/ablations/<variant>/stage3-recipe.yaml, stage3/, analysis/, cell.json
+    ablation.json, ablation.md, figures/<metric>.png
+
+`cell.json` is written last, by rename: a cell with it is complete and is skipped when the command runs again; a
+cell without it resumes its steps (a finished Stage 3 and finished analyses are kept). The cells run in `--jobs`
+processes, each with its share of the cores as torch threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from importlib import resources
+from multiprocessing import get_context
+from pathlib import Path
+
+import yaml
+
+from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, COMPLETION_MARKER
+
+from .seeds import interval, seed_dir_name
+
+CELL_MARKER = "cell.json"
+TABLE_JSON = "ablation.json"
+TABLE_MD = "ablation.md"
+# The chain every variant starts from, per seed (the reproduction's first steps).
+CHAIN = ("stage0", "stage1", "stage2")
+# The table's columns: (model_metrics key, heading, what it is). Every cell writes all of model_metrics; these are
+# the ones shown, in this order, and drawn.
+COLUMNS = (
+    ("captioning_CIDEr", "CIDEr", "captioning, x100"),
+    ("captioning_Bleu_4", "BLEU-4", "captioning, x100"),
+    ("grounding_shape_accuracy", "ground. shape", "caption names the shape"),
+    ("grounding_colour_accuracy", "ground. colour", "caption names the colour"),
+    ("raw_diagonal_k_over_n", "raw k/n", "binomial test, raw matrix, last layer"),
+    ("raw_diagonal_p_binomial", "raw p", "binomial p, raw matrix"),
+    ("centred_diagonal_k_over_n", "centred k/n", "binomial test, centred matrix"),
+    ("centred_diagonal_p_binomial", "centred p", "binomial p, centred matrix"),
+    ("crossover_increase_pct", "crossover %", "loss increase when routing is inverted"),
+    ("collapsed_layers", "collapsed (hard)", "layers with >= 99 % of tokens on one expert"),
+    (
+        "collapsed_soft_layers",
+        "collapsed (soft)",
+        "layers with >= 90 % mean router probability on one expert",
+    ),
+    ("purity_balanced", "purity", "balanced purity towards the Stage 2 roles"),
+    ("routing_mi", "I(E;M)/H(M)", "routing mutual information with the modality, mean over layers"),
+    ("expert_cka", "expert CKA", "linear CKA between the two experts' outputs"),
+    (
+        "expert_distance_from_init",
+        "dist. from init",
+        "relative weight distance from the shared Stage 0 weights",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    stage3: dict  # Stage 3 recipe fields to set over the embedded recipe
+
+
+def _variants_dir():
+    return resources.files("configuration") / "ablations"
+
+
+def load_variants() -> dict[str, Variant]:
+    """Every variant in `configuration/ablations/`, by name, sorted; a malformed file raises naming it."""
+    from trainer.recipes import field_names
+
+    variants = {}
+    for entry in sorted(_variants_dir().iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".yaml"):
+            continue
+        data = yaml.safe_load(entry.read_text()) or {}
+        name = entry.name[: -len(".yaml")]
+        fields = data.get("stage3")
+        if not isinstance(data.get("description"), str) or not isinstance(fields, dict):
+            raise ValueError(
+                f"ablation variant {entry}: needs `description: <text>` and `stage3: {{field: value}}`"
+            )
+        unknown = sorted(set(fields) - field_names())
+        if unknown:
+            raise ValueError(f"ablation variant {entry}: unknown recipe field(s) {unknown}")
+        variants[name] = Variant(name, data["description"], dict(fields))
+    return variants
+
+
+def choose_variants(names: Sequence[str] | None) -> list[Variant]:
+    variants = load_variants()
+    if not names:
+        return list(variants.values())
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise ValueError(f"unknown ablation variant(s) {unknown}; choose from {', '.join(variants)}")
+    return [variants[n] for n in dict.fromkeys(names)]
+
+
+def write_variant_recipe(variant: Variant, path: Path, overrides: dict | None = None) -> Path:
+    """The embedded Stage 3 recipe with the variant's fields (then `overrides`, e.g. a smoke run's step budget)."""
+    from trainer.recipes import embedded_recipe
+
+    recipe = {**embedded_recipe("3"), **variant.stage3, **(overrides or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+# ----- one seed's chain, one cell --------------------------------------------------------------------------------
+
+
+def prepare_seed(seed_dir: Path, seed: int, pretraining, log=print) -> None:
+    """Stages 0-2 of one seed into `seed_dir` (what is complete is kept), as `moe-vlm reproduce` trains them."""
+    from .reproduce import PRETRAIN, TRAINING_STEPS, _train
+
+    pretraining.attach(seed_dir)
+    for name, stage, source in TRAINING_STEPS:
+        if name not in CHAIN:
+            continue
+        if (seed_dir / name / COMPLETION_MARKER).is_file():
+            continue
+        log(f"[ablate] seed {seed}: train {name} ...")
+        _train(seed_dir / name, stage, seed_dir / (source if source != PRETRAIN else PRETRAIN), seed)
+
+
+def run_cell(
+    seed_dir: str,
+    variant: Variant,
+    seed: int,
+    n_samples: int,
+    n_eval: int,
+    threads: int,
+    overrides: dict | None = None,
+    data_dir: str | None = None,
+) -> dict:
+    """Stage 3 of `variant` from `seed_dir/stage2`, its analysis and captioning evaluation, then `cell.json` (its
+    metrics and timings). Runs in a worker process: sets its torch threads first."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from analysis.run import analyze, evaluate
+
+    from .reproduce import _train
+
+    seed_dir = Path(seed_dir)
+    cell = seed_dir / "ablations" / variant.name
+    timings = {}
+
+    def step(name, func, done: bool):
+        if done:
+            return
+        t0 = time.time()
+        func()
+        timings[name] = round(time.time() - t0, 1)
+
+    recipe = write_variant_recipe(variant, cell / "stage3-recipe.yaml", overrides)
+    stage3, analysis_dir = cell / "stage3", cell / "analysis"
+    resume = ["--resume_from_checkpoint", "true"] if any(stage3.glob("checkpoint-*")) else []
+    step(
+        "train",
+        lambda: _train(stage3, "3", seed_dir / "stage2", seed, ["--recipe", str(recipe), *resume]),
+        (stage3 / COMPLETION_MARKER).is_file(),
+    )
+    step(
+        "analyze",
+        lambda: analyze(
+            stage3,
+            analysis_dir,
+            data_dir=data_dir,
+            init_dir=seed_dir / "stage0",
+            seed=seed,
+            n_samples=n_samples,
+        ),
+        (analysis_dir / ANALYSIS_FILE).is_file(),
+    )
+    step(
+        "evaluate",
+        lambda: evaluate(stage3, analysis_dir, data_dir=data_dir, seed=seed, n_samples=n_eval),
+        (analysis_dir / CAPTIONING_FILE).is_file(),
+    )
+    result = {
+        "variant": variant.name,
+        "seed": seed,
+        "metrics": cell_metrics(cell),
+        "seconds": timings,
+        "stage3_recipe": variant.stage3,
+        "overrides": overrides or {},
+    }
+    _write_atomic(cell / CELL_MARKER, json.dumps(result, indent=1))
+    return result
+
+
+def cell_metrics(cell: Path) -> dict[str, float]:
+    """`pipeline.report.model_metrics` of a cell's Stage 3 (its analysis.json and captioning.json)."""
+    from .report import model_metrics, model_row
+
+    analysis = json.loads((cell / "analysis" / ANALYSIS_FILE).read_text())
+    captioning = json.loads((cell / "analysis" / CAPTIONING_FILE).read_text())
+    return model_metrics(model_row(cell.name, cell.name, analysis, captioning), analysis)
+
+
+# ----- the whole grid --------------------------------------------------------------------------------------------
+
+
+def ablate(
+    out: str | Path,
+    variants: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    jobs: int | None = None,
+    n_samples: int = 200,
+    n_eval: int = 100,
+    cache: bool = True,
+    overrides: dict | None = None,
+    data_dir: str | Path | None = None,
+    log=print,
+) -> dict:
+    """Every variant x seed cell not yet complete under `out`, then the table. Returns the table dict.
+
+    `jobs`: worker processes for the cells (default: one per two cores, at least one); the cores are shared out as
+    torch threads. `overrides`: Stage 3 recipe fields applied to every variant after its own (the smoke test's
+    budget); recorded in each cell and in the table. `data_dir`: a saved DatasetDict the analyses read instead of
+    the seed's generated Shapes world (as `moe-vlm analyze --data`)."""
+    from .reproduce import Pretraining
+
+    out = Path(out)
+    chosen = choose_variants(variants)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs distinct seeds, got {seeds}")
+    cores = os.cpu_count() or 1
+    jobs = max(1, cores // 2) if jobs is None else max(1, int(jobs))
+    threads = max(1, cores // jobs)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    pretraining = Pretraining(out, cache=cache)
+    for seed in seeds:
+        prepare_seed(out / seed_dir_name(seed), seed, pretraining, log)
+    chain_seconds = round(time.time() - started, 1)
+
+    cells, pending = {}, []
+    for seed in seeds:
+        for variant in chosen:
+            marker = out / seed_dir_name(seed) / "ablations" / variant.name / CELL_MARKER
+            if marker.is_file():
+                cells[(variant.name, seed)] = json.loads(marker.read_text())
+            else:
+                pending.append((variant, seed))
+    total = len(chosen) * len(seeds)
+    log(
+        f"[ablate] {total} cells ({len(chosen)} variants x {len(seeds)} seeds): {len(cells)} complete, "
+        f"{len(pending)} to run in {jobs} process(es) x {threads} thread(s)"
+    )
+    grid_started = time.time()
+    if pending:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = {
+                pool.submit(
+                    run_cell,
+                    str(out / seed_dir_name(s)),
+                    v,
+                    s,
+                    n_samples,
+                    n_eval,
+                    threads,
+                    overrides,
+                    None if data_dir is None else str(data_dir),
+                ): (v.name, s)
+                for v, s in pending
+            }
+            for future in as_completed(futures):
+                name, seed = futures[future]
+                cells[(name, seed)] = future.result()  # a failed cell stops the run, naming its error
+                spent = sum(cells[(name, seed)]["seconds"].values())
+                log(f"[ablate] {len(cells)}/{total}: {name}, seed {seed} done ({spent:.0f} s)")
+    timings = {
+        "chain_seconds": chain_seconds,
+        "grid_seconds_this_invocation": round(time.time() - grid_started, 1),
+        "seconds_this_invocation": round(time.time() - started, 1),
+        "jobs": jobs,
+        "threads_per_job": threads,
+    }
+    table = build_table(chosen, seeds, cells, timings, overrides)
+    write_table(out, table)
+    log(f"[ablate] wrote {out / TABLE_MD}, {out / TABLE_JSON} and {len(table['figures'])} figures")
+    return table
+
+
+def build_table(
+    variants: Sequence[Variant], seeds: Sequence[int], cells: dict, timings: dict, overrides
+) -> dict:
+    """Per variant and metric: the per-seed values (as the cells wrote them) and their mean with a 95 % t interval."""
+    rows = []
+    for variant in variants:
+        per_seed = {s: cells[(variant.name, s)]["metrics"] for s in seeds}
+        metrics = {}
+        for key in sorted({k for m in per_seed.values() for k in m}):
+            values = [per_seed[s][key] for s in seeds if key in per_seed[s]]
+            metrics[key] = {**interval(values), "values": {str(s): per_seed[s].get(key) for s in seeds}}
+        rows.append(
+            {
+                "variant": variant.name,
+                "description": variant.description,
+                "stage3": variant.stage3,
+                "metrics": metrics,
+                "seconds": {str(s): cells[(variant.name, s)]["seconds"] for s in seeds},
+            }
+        )
+    return {
+        "seeds": list(seeds),
+        "columns": [{"key": k, "heading": h, "meaning": m} for k, h, m in COLUMNS],
+        "rows": rows,
+        "timings": timings,
+        "overrides": overrides or {},
+        "figures": [],
+    }
+
+
+def _cell_text(summary: dict | None) -> str:
+    if not summary or summary.get("mean") is None:
+        return "–"
+    mean, half = summary["mean"], summary.get("half_width")
+    digits = 3 if abs(mean) < 10 else 1
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def to_markdown(table: dict) -> str:
+    head = "| variant | " + " | ".join(c["heading"] for c in table["columns"]) + " |"
+    lines = [
+        f"# Routing ablations: Stage 3 variants from the same Stage 2, seeds {table['seeds']}",
+        "",
+        "Mean ± half-width of the 95 % t interval over seeds (`ablation.json` has every seed's value).",
+        "",
+        head,
+        "|" + "---|" * (len(table["columns"]) + 1),
+    ]
+    for row in table["rows"]:
+        cells = [_cell_text(row["metrics"].get(c["key"])) for c in table["columns"]]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    lines += ["", "Variants:", ""]
+    lines += [
+        f"- **{row['variant']}**: {row['description']} (`{json.dumps(row['stage3'])}`)"
+        for row in table["rows"]
+    ]
+    lines += ["", "Columns:", ""]
+    lines += [f"- **{c['heading']}** (`{c['key']}`): {c['meaning']}" for c in table["columns"]]
+    if table["overrides"]:
+        lines += ["", f"Every variant also ran with `{json.dumps(table['overrides'])}` (a reduced budget)."]
+    t = table["timings"]
+    lines += [
+        "",
+        f"Time: {t['seconds_this_invocation']} s this invocation (chain {t['chain_seconds']} s, cells "
+        f"{t['grid_seconds_this_invocation']} s in {t['jobs']} process(es) x {t['threads_per_job']} thread(s)).",
+    ]
+    if table["figures"]:
+        lines += ["", "Figures: " + ", ".join(f"[{Path(f).stem}]({f})" for f in table["figures"])]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out: Path, table: dict) -> None:
+    from analysis.figures import plot_ablation_metric
+
+    figures_dir = out / "figures"
+    figures_dir.mkdir(exist_ok=True)
+    table["figures"] = []
+    for column in table["columns"]:
+        points = [(row["variant"], row["metrics"].get(column["key"])) for row in table["rows"]]
+        if not any(summary and summary.get("mean") is not None for _, summary in points):
+            continue
+        path = figures_dir / f"{column['key']}.png"
+        plot_ablation_metric(points, path, title=f"{column['heading']}: {column['meaning']}")
+        table["figures"].append(str(path.relative_to(out)))
+    _write_atomic(out / TABLE_JSON, json.dumps(table, indent=1))
+    _write_atomic(out / TABLE_MD, to_markdown(table))

@@ -1,0 +1,142 @@
+"""`moe-vlm ablate` (pipeline/ablate.py): the variant recipes, and a real smoke run of two variants on one seed with
+a tiny budget (conftest's tiny model, a small Shapes world): the table has the declared columns, its numbers are the
+ones the cells wrote (and the cells' are the ones their analyses hold), each variant's regulariser reached its
+model, and a second invocation trains nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_train import make_shapes, make_stage0, quick_args, train
+
+from configuration.contract import CACHE_ENV, COMPLETION_MARKER
+from pipeline import ablate
+from trainer.recipes import parse_recipe
+
+EXPECTED_VARIANTS = {
+    "baseline",
+    "hard",
+    "specialise_weak",
+    "specialise_strong",
+    "switch",
+    "modality_switch",
+    "entropy_floor",
+    "aux_free",
+    "modality_aware",
+    "long",
+}
+
+
+def test_every_variant_of_the_issue_has_a_recipe_that_parses(tmp_path):
+    variants = ablate.load_variants()
+    assert set(variants) == EXPECTED_VARIANTS
+    for variant in variants.values():
+        path = ablate.write_variant_recipe(variant, tmp_path / variant.name / "recipe.yaml")
+        recipe = parse_recipe("3", tmp_path / variant.name / "out", recipe=str(path))
+        for field, value in variant.stage3.items():
+            section = recipe.stage if hasattr(recipe.stage, field) else recipe.training
+            assert getattr(section, field) == value, (variant.name, field)
+    hard = parse_recipe("3", tmp_path / "h", recipe=str(tmp_path / "hard" / "recipe.yaml"))
+    assert hard.stage.router_learning_rate is None and hard.stage.keep_hard_routing  # null unsets the field
+    assert (
+        parse_recipe("3", tmp_path / "l", recipe=str(tmp_path / "long" / "recipe.yaml")).training.max_steps
+        == 1000
+    )
+
+
+def test_unknown_or_malformed_variants_are_named(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown ablation variant\(s\) \['nope'\]"):
+        ablate.choose_variants(["baseline", "nope"])
+    (tmp_path / "bad.yaml").write_text("description: x\nstage3:\n  router_aux_loss_cof: 0.1\n")
+    monkeypatch.setattr(ablate, "_variants_dir", lambda: tmp_path)
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown recipe field\(s\) \['router_aux_loss_cof'\]"):
+        ablate.load_variants()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Stages 0-2 of seed 0 from the test chain, then `ablate` over baseline and aux_free, 3 Stage 3 steps each."""
+    root = tmp_path_factory.mktemp("ablate")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(CACHE_ENV, str(root / "cache"))
+    shapes = make_shapes(root / "shapes")
+    seed_dir = root / "out" / "seed0"
+    (seed_dir / "pretrain").mkdir(parents=True)
+    (seed_dir / "pretrain" / COMPLETION_MARKER).write_text("{}")  # stands for a finished pretraining
+    make_stage0(seed_dir / "stage0")
+    train("1", seed_dir / "stage1", seed_dir / "stage0", quick_args(shapes, steps=2))
+    train("2", seed_dir / "stage2", seed_dir / "stage1", quick_args(shapes, steps=2))
+    budget = {
+        "dataset": str(shapes),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "warmup_steps": 0,
+        "routing_probe_samples": 4,
+    }
+    lines = []
+    table = ablate.ablate(
+        root / "out",
+        ["baseline", "aux_free"],
+        [0],
+        jobs=2,
+        n_samples=4,
+        n_eval=4,
+        overrides=budget,
+        data_dir=shapes,
+        log=lines.append,
+    )
+    yield root / "out", table, lines
+    mp.undo()
+
+
+def test_smoke_table_has_the_columns_and_the_cells_numbers(smoke):
+    out, table, lines = smoke
+    assert [c["key"] for c in table["columns"]] == [k for k, _, _ in ablate.COLUMNS]
+    assert [r["variant"] for r in table["rows"]] == ["baseline", "aux_free"]
+    written = json.loads((out / ablate.TABLE_JSON).read_text())
+    markdown = (out / ablate.TABLE_MD).read_text()
+    for row in written["rows"]:
+        cell = json.loads((out / "seed0" / "ablations" / row["variant"] / ablate.CELL_MARKER).read_text())
+        # the cell's numbers are its analyses' (recomputed from the files), and the table's are the cell's
+        assert cell["metrics"] == ablate.cell_metrics(out / "seed0" / "ablations" / row["variant"])
+        for key, value in cell["metrics"].items():
+            assert row["metrics"][key]["values"] == {"0": value}
+            assert row["metrics"][key]["mean"] == value  # one seed: the mean is the value, no interval
+        assert {"captioning_CIDEr", "routing_mi", "raw_diagonal_k_over_n", "collapsed_layers"} <= set(
+            cell["metrics"]
+        )
+        assert f"| {row['variant']} |" in markdown
+    for figure in written["figures"]:
+        assert (out / figure).stat().st_size > 0
+    assert any("2/2" in line for line in lines)
+
+
+def test_smoke_each_variant_reached_its_model(smoke):
+    out, _, _ = smoke
+    cells = out / "seed0" / "ablations"
+    baseline = load_file(str(cells / "baseline" / "stage3" / "model.safetensors"))
+    aux_free = load_file(str(cells / "aux_free" / "stage3" / "model.safetensors"))
+    assert not any(k.endswith("expert_bias") for k in baseline)
+    biases = [t for k, t in aux_free.items() if k.endswith("expert_bias")]
+    assert biases and all(t.abs().max() > 0 for t in biases)  # 3 steps of 0.001
+    config = json.loads((cells / "aux_free" / "stage3" / "config.json").read_text())
+    assert config["router_bias_update_rate"] == 0.001
+
+
+def test_smoke_rerun_trains_nothing_and_writes_the_same_table(smoke, monkeypatch):
+    out, table, _ = smoke
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a complete cell ran again")
+
+    monkeypatch.setattr(ablate, "run_cell", refuse)
+    lines = []
+    again = ablate.ablate(out, ["baseline", "aux_free"], [0], jobs=1, log=lines.append)
+    assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in table["rows"]]
+    assert any("2 complete, 0 to run" in line for line in lines)
+    assert Path(out / ablate.TABLE_MD).is_file()
