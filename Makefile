@@ -18,10 +18,12 @@ OUT ?= runs/reproduce
 # `make reproduce-seeds`: these seeds, each into $(SEEDS_OUT)/seed<N>/, and the report across them in $(SEEDS_OUT).
 SEEDS ?= 0 1 2
 SEEDS_OUT ?= runs/reproduce-seeds
+# `make ablate`: every routing variant of configuration/ablations/ over $(SEEDS), into $(ABLATE_OUT).
+ABLATE_OUT ?= runs/ablate
 
 CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup reproduce reproduce-seeds test test-latest versions lock lint clean
+.PHONY: setup reproduce reproduce-seeds ablate test test-latest versions lock lint clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +42,9 @@ setup: $(VENV)/.installed .system-deps
 
 reproduce: setup
 	$(VENV)/bin/moe-vlm reproduce --out $(OUT)
+
+ablate: setup
+	$(VENV)/bin/moe-vlm ablate --out $(ABLATE_OUT) --seeds $(SEEDS)
 
 reproduce-seeds: setup
 	$(VENV)/bin/moe-vlm reproduce --seeds $(SEEDS) --out $(SEEDS_OUT)

@@ -35,6 +35,7 @@ from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, COMPLETION_MA
 from .seeds import interval, seed_dir_name
 
 CELL_MARKER = "cell.json"
+
 TABLE_JSON = "ablation.json"
 TABLE_MD = "ablation.md"
 # The chain every variant starts from, per seed (the reproduction's first steps).
@@ -302,9 +303,24 @@ def ablate(
         "threads_per_job": threads,
     }
     table = build_table(chosen, seeds, cells, timings, overrides)
+    for row in table["rows"]:
+        row["dynamics_figures"] = _dynamics_figures(out, row["variant"], seeds)
     write_table(out, table)
     log(f"[ablate] wrote {out / TABLE_MD}, {out / TABLE_JSON} and {len(table['figures'])} figures")
     return table
+
+
+def _dynamics_figures(out: Path, variant: str, seeds: Sequence[int]) -> dict[str, str]:
+    """Per seed, the cell's figure of each layer's dispatch over Stage 3's steps (drawn by `analysis.run` from the
+    routing log), relative to `out`."""
+    from analysis.run import ROUTING_DYNAMICS_FIGURE
+
+    figures = {}
+    for seed in seeds:
+        path = out / seed_dir_name(seed) / "ablations" / variant / "analysis" / ROUTING_DYNAMICS_FIGURE
+        if path.is_file():
+            figures[str(seed)] = str(path.relative_to(out))
+    return figures
 
 
 def build_table(
@@ -375,6 +391,15 @@ def to_markdown(table: dict) -> str:
     ]
     if table["figures"]:
         lines += ["", "Figures: " + ", ".join(f"[{Path(f).stem}]({f})" for f in table["figures"])]
+    dynamics = [
+        f"{row['variant']} ("
+        + ", ".join(f"[seed {s}]({f})" for s, f in row["dynamics_figures"].items())
+        + ")"
+        for row in table["rows"]
+        if row.get("dynamics_figures")
+    ]
+    if dynamics:
+        lines += ["", "Per-layer dispatch over Stage 3's steps: " + "; ".join(dynamics)]
     return "\n".join(lines) + "\n"
 
 

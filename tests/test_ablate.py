@@ -113,6 +113,9 @@ def test_smoke_table_has_the_columns_and_the_cells_numbers(smoke):
         assert f"| {row['variant']} |" in markdown
     for figure in written["figures"]:
         assert (out / figure).stat().st_size > 0
+    for row in written["rows"]:  # each variant's dispatch-over-steps figure, linked
+        assert set(row["dynamics_figures"]) == {"0"} and (out / row["dynamics_figures"]["0"]).is_file()
+        assert row["dynamics_figures"]["0"] in markdown
     assert any("2/2" in line for line in lines)
 
 
