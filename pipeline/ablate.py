@@ -35,6 +35,21 @@ from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, COMPLETION_MA
 from .seeds import interval, seed_dir_name
 
 CELL_MARKER = "cell.json"
+TIMINGS_FILE = (
+    "timings.json"  # every invocation's times, appended: a rerun that only rewrites the table keeps them
+)
+BASELINE = "baseline"  # the paper's Stage 3: paired differences are taken against it, seed by seed
+# The metrics whose paired difference from the baseline the Markdown shows (the JSON has every metric's).
+PAIRED = (
+    "captioning_CIDEr",
+    "captioning_chat_CIDEr",
+    "grounding_colour_accuracy",
+    "crossover_increase_pct",
+    "collapsed_soft_layers",
+    "purity_balanced",
+    "routing_mi",
+    "expert_cka",
+)
 
 TABLE_JSON = "ablation.json"
 TABLE_MD = "ablation.md"
@@ -43,8 +58,9 @@ CHAIN = ("stage0", "stage1", "stage2")
 # The table's columns: (model_metrics key, heading, what it is). Every cell writes all of model_metrics; these are
 # the ones shown, in this order, and drawn.
 COLUMNS = (
-    ("captioning_CIDEr", "CIDEr", "captioning, x100"),
-    ("captioning_Bleu_4", "BLEU-4", "captioning, x100"),
+    ("captioning_CIDEr", "CIDEr", "captioning x100, raw caption prompt"),
+    ("captioning_chat_CIDEr", "CIDEr chat", "captioning x100, the chat format Stage 3 trains in"),
+    ("captioning_Bleu_4", "BLEU-4", "captioning x100, raw caption prompt"),
     ("grounding_shape_accuracy", "ground. shape", "caption names the shape"),
     ("grounding_colour_accuracy", "ground. colour", "caption names the colour"),
     ("raw_diagonal_k_over_n", "raw k/n", "binomial test, raw matrix, last layer"),
@@ -104,8 +120,8 @@ def load_variants() -> dict[str, Variant]:
 
 def choose_variants(names: Sequence[str] | None) -> list[Variant]:
     variants = load_variants()
-    if not names:
-        return list(variants.values())
+    if not names:  # the baseline first: every other variant is read against it
+        return sorted(variants.values(), key=lambda v: (v.name != BASELINE, v.name))
     unknown = [n for n in names if n not in variants]
     if unknown:
         raise ValueError(f"unknown ablation variant(s) {unknown}; choose from {', '.join(variants)}")
@@ -131,18 +147,20 @@ def _write_atomic(path: Path, text: str) -> None:
 # ----- one seed's chain, one cell --------------------------------------------------------------------------------
 
 
-def prepare_seed(seed_dir: Path, seed: int, pretraining, log=print) -> None:
-    """Stages 0-2 of one seed into `seed_dir` (what is complete is kept), as `moe-vlm reproduce` trains them."""
-    from .reproduce import PRETRAIN, TRAINING_STEPS, _train
+def prepare_seed(seed_dir: Path, seed: int, pretraining, log=print) -> bool:
+    """Stages 0-2 of one seed into `seed_dir` (what is complete is kept), as `moe-vlm reproduce` trains them.
+    Returns whether anything was trained."""
+    from .reproduce import TRAINING_STEPS, _train
 
     pretraining.attach(seed_dir)
+    trained = False
     for name, stage, source in TRAINING_STEPS:
-        if name not in CHAIN:
-            continue
-        if (seed_dir / name / COMPLETION_MARKER).is_file():
+        if name not in CHAIN or (seed_dir / name / COMPLETION_MARKER).is_file():
             continue
         log(f"[ablate] seed {seed}: train {name} ...")
-        _train(seed_dir / name, stage, seed_dir / (source if source != PRETRAIN else PRETRAIN), seed)
+        _train(seed_dir / name, stage, seed_dir / source, seed)
+        trained = True
+    return trained
 
 
 def run_cell(
@@ -256,16 +274,18 @@ def ablate(
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     pretraining = Pretraining(out, cache=cache)
-    for seed in seeds:
-        prepare_seed(out / seed_dir_name(seed), seed, pretraining, log)
+    trained = [prepare_seed(out / seed_dir_name(seed), seed, pretraining, log) for seed in seeds]
     chain_seconds = round(time.time() - started, 1)
 
     cells, pending = {}, []
     for seed in seeds:
         for variant in chosen:
             marker = out / seed_dir_name(seed) / "ablations" / variant.name / CELL_MARKER
-            if marker.is_file():
-                cells[(variant.name, seed)] = json.loads(marker.read_text())
+            if marker.is_file():  # its metrics read afresh from its analyses: today's definitions
+                cells[(variant.name, seed)] = {
+                    **json.loads(marker.read_text()),
+                    "metrics": cell_metrics(marker.parent),
+                }
             else:
                 pending.append((variant, seed))
     total = len(chosen) * len(seeds)
@@ -295,13 +315,20 @@ def ablate(
                 cells[(name, seed)] = future.result()  # a failed cell stops the run, naming its error
                 spent = sum(cells[(name, seed)]["seconds"].values())
                 log(f"[ablate] {len(cells)}/{total}: {name}, seed {seed} done ({spent:.0f} s)")
-    timings = {
+    invocation = {
         "chain_seconds": chain_seconds,
-        "grid_seconds_this_invocation": round(time.time() - grid_started, 1),
-        "seconds_this_invocation": round(time.time() - started, 1),
+        "cells_run": len(pending),
+        "cells_seconds": round(time.time() - grid_started, 1),
+        "seconds": round(time.time() - started, 1),
         "jobs": jobs,
         "threads_per_job": threads,
     }
+    timings_file = out / TIMINGS_FILE
+    history = json.loads(timings_file.read_text()) if timings_file.is_file() else []
+    if pending or any(trained):  # an invocation that only rewrites the table adds no time
+        history.append(invocation)
+        _write_atomic(timings_file, json.dumps(history, indent=1))
+    timings = {"invocations": history, "total_seconds": round(sum(i["seconds"] for i in history), 1)}
     table = build_table(chosen, seeds, cells, timings, overrides)
     for row in table["rows"]:
         row["dynamics_figures"] = _dynamics_figures(out, row["variant"], seeds)
@@ -334,12 +361,21 @@ def build_table(
         for key in sorted({k for m in per_seed.values() for k in m}):
             values = [per_seed[s][key] for s in seeds if key in per_seed[s]]
             metrics[key] = {**interval(values), "values": {str(s): per_seed[s].get(key) for s in seeds}}
+        paired = {}
+        if variant.name != BASELINE and all((BASELINE, s) in cells for s in seeds):
+            base = {s: cells[(BASELINE, s)]["metrics"] for s in seeds}
+            for key in metrics:
+                diffs = [
+                    per_seed[s][key] - base[s][key] for s in seeds if key in per_seed[s] and key in base[s]
+                ]
+                paired[key] = {**interval(diffs), "values": diffs}
         rows.append(
             {
                 "variant": variant.name,
                 "description": variant.description,
                 "stage3": variant.stage3,
                 "metrics": metrics,
+                "minus_baseline": paired,
                 "seconds": {str(s): cells[(variant.name, s)]["seconds"] for s in seeds},
             }
         )
@@ -374,6 +410,26 @@ def to_markdown(table: dict) -> str:
     for row in table["rows"]:
         cells = [_cell_text(row["metrics"].get(c["key"])) for c in table["columns"]]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    paired_rows = [row for row in table["rows"] if row.get("minus_baseline")]
+    if paired_rows:
+        keys = [k for k in PAIRED if any(k in row["minus_baseline"] for row in paired_rows)]
+        headings = {c["key"]: c["heading"] for c in table["columns"]}
+        lines += [
+            "",
+            f"Minus the baseline, seed by seed (the same Stage 2 and world): mean ± half-width of the 95 % t "
+            f"interval of the {len(table['seeds'])} paired differences; **bold** where the interval excludes 0.",
+            "",
+            "| variant | " + " | ".join(headings.get(k, k) for k in keys) + " |",
+            "|" + "---|" * (len(keys) + 1),
+        ]
+        for row in paired_rows:
+            texts = []
+            for key in keys:
+                d = row["minus_baseline"].get(key)
+                text = _cell_text(d)
+                low, high = (d or {}).get("low"), (d or {}).get("high")
+                texts.append(f"**{text}**" if low is not None and (low > 0 or high < 0) else text)
+            lines.append(f"| {row['variant']} | " + " | ".join(texts) + " |")
     lines += ["", "Variants:", ""]
     lines += [
         f"- **{row['variant']}**: {row['description']} (`{json.dumps(row['stage3'])}`)"
@@ -383,11 +439,11 @@ def to_markdown(table: dict) -> str:
     lines += [f"- **{c['heading']}** (`{c['key']}`): {c['meaning']}" for c in table["columns"]]
     if table["overrides"]:
         lines += ["", f"Every variant also ran with `{json.dumps(table['overrides'])}` (a reduced budget)."]
-    t = table["timings"]
+    lines += ["", f"Time: {table['timings']['total_seconds']} s over every invocation:"]
     lines += [
-        "",
-        f"Time: {t['seconds_this_invocation']} s this invocation (chain {t['chain_seconds']} s, cells "
-        f"{t['grid_seconds_this_invocation']} s in {t['jobs']} process(es) x {t['threads_per_job']} thread(s)).",
+        f"- {i['seconds']} s: Stages 0-2 {i['chain_seconds']} s, {i['cells_run']} cells {i['cells_seconds']} s in "
+        f"{i['jobs']} process(es) x {i['threads_per_job']} thread(s)"
+        for i in table["timings"]["invocations"]
     ]
     if table["figures"]:
         lines += ["", "Figures: " + ", ".join(f"[{Path(f).stem}]({f})" for f in table["figures"])]

@@ -327,6 +327,13 @@ def summary_rows(analyses: dict[str, dict], captioning: dict[str, dict]) -> list
     ]
 
 
+def _chat_metrics(captioning: dict) -> dict:
+    """The scaled caption metrics in the chat format, where the model was evaluated in it too (Stage 3 trains on
+    conversations); empty otherwise."""
+    chat = (captioning.get("by_prompt_format") or {}).get("chat") or {}
+    return chat.get("metrics", {}).get("scaled", {})
+
+
 def model_row(key: str, name: str, a: dict, captioning: dict) -> dict:
     """One analysed model's row (`a`: its analysis.json, `captioning`: its captioning.json): captioning, grounding,
     the diagonal of both matrices at the analysed (last) layer, crossover and collapse (`collapsed`: hard, top-1
@@ -345,6 +352,8 @@ def model_row(key: str, name: str, a: dict, captioning: dict) -> dict:
         "METEOR": c.get("scaled", {}).get("METEOR"),
         "ROUGE_L": c.get("scaled", {}).get("ROUGE_L"),
         "CIDEr": c.get("scaled", {}).get("CIDEr"),
+        # the chat format, where the model was evaluated in it too (Stage 3 trains on conversations)
+        "CIDEr_chat": _chat_metrics(captioning).get("CIDEr"),
         "grounding_shape": g.get("shape_accuracy"),
         "grounding_colour": g.get("colour_accuracy"),
         "grounding_n": g.get("n"),
@@ -615,6 +624,7 @@ def model_metrics(row: dict, analysis: dict) -> dict[str, float]:
 
     for metric in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
         put(f"captioning_{metric}", row.get(metric))
+    put("captioning_chat_CIDEr", row.get("CIDEr_chat"))
     put("grounding_shape_accuracy", row.get("grounding_shape"))
     put("grounding_colour_accuracy", row.get("grounding_colour"))
     for variant, d in (row.get("diagonal") or {}).items():
