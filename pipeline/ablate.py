@@ -147,6 +147,11 @@ def _write_atomic(path: Path, text: str) -> None:
 # ----- one seed's chain, one cell --------------------------------------------------------------------------------
 
 
+def cell_dir(seed_dir: Path, variant: str) -> Path:
+    """Where one variant's cell of one seed lives: its recipe, Stage 3, analyses and `cell.json`."""
+    return Path(seed_dir) / "ablations" / variant
+
+
 def prepare_seed(seed_dir: Path, seed: int, pretraining, log=print) -> bool:
     """Stages 0-2 of one seed into `seed_dir` (what is complete is kept), as `moe-vlm reproduce` trains them.
     Returns whether anything was trained."""
@@ -183,7 +188,7 @@ def run_cell(
     from .reproduce import _train
 
     seed_dir = Path(seed_dir)
-    cell = seed_dir / "ablations" / variant.name
+    cell = cell_dir(seed_dir, variant.name)
     timings = {}
 
     def step(name, func, done: bool):
@@ -280,7 +285,7 @@ def ablate(
     cells, pending = {}, []
     for seed in seeds:
         for variant in chosen:
-            marker = out / seed_dir_name(seed) / "ablations" / variant.name / CELL_MARKER
+            marker = cell_dir(out / seed_dir_name(seed), variant.name) / CELL_MARKER
             if marker.is_file():  # its metrics read afresh from its analyses: today's definitions
                 cells[(variant.name, seed)] = {
                     **json.loads(marker.read_text()),
@@ -344,7 +349,7 @@ def _dynamics_figures(out: Path, variant: str, seeds: Sequence[int]) -> dict[str
 
     figures = {}
     for seed in seeds:
-        path = out / seed_dir_name(seed) / "ablations" / variant / "analysis" / ROUTING_DYNAMICS_FIGURE
+        path = cell_dir(out / seed_dir_name(seed), variant) / "analysis" / ROUTING_DYNAMICS_FIGURE
         if path.is_file():
             figures[str(seed)] = str(path.relative_to(out))
     return figures
@@ -353,7 +358,8 @@ def _dynamics_figures(out: Path, variant: str, seeds: Sequence[int]) -> dict[str
 def build_table(
     variants: Sequence[Variant], seeds: Sequence[int], cells: dict, timings: dict, overrides
 ) -> dict:
-    """Per variant and metric: the per-seed values (as the cells wrote them) and their mean with a 95 % t interval."""
+    """Per variant and metric: the per-seed values (the cells' metrics) and their mean with a 95 % t interval, and
+    against the baseline the same for the paired differences, seed by seed."""
     rows = []
     for variant in variants:
         per_seed = {s: cells[(variant.name, s)]["metrics"] for s in seeds}

@@ -646,12 +646,7 @@ def model_metrics(row: dict, analysis: dict) -> dict[str, float]:
         for kind in ("attribute", "object", "swap"):
             put(f"binding_{kind}", (binding.get(kind) or {}).get("fraction"))
     layers = (analysis.get("load") or {}).get("layers") or {}
-    purity = [
-        d["purity"]["balanced"]
-        for d in layers.values()
-        if (d.get("purity") or {}).get("balanced") is not None
-    ]
-    put("purity_balanced", float(np.mean(purity)) if purity else None)
+    put("purity_balanced", _mean((d.get("purity") or {}).get("balanced") for d in layers.values()))
     similarity = analysis.get("expert_similarity") or {}
     put("expert_cka", _mean([d.get("cka_experts_0_1") for d in similarity.values()]))
     put(

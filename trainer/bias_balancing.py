@@ -29,11 +29,12 @@ class ExpertBiasBalancer:
     def observe(self, router_indices: Sequence[torch.Tensor], attention_mask: torch.Tensor | None) -> None:
         """Add one micro-batch: `router_indices[i]` (batch*seq, k) of MoE layer `layers[i]`; `attention_mask`
         (batch, seq), 0 at padding."""
+        valid = None  # (batch*seq,) the same tokens in every layer
+        if attention_mask is not None and router_indices:
+            seq = router_indices[0].shape[0] // attention_mask.shape[0]
+            valid = attention_mask[:, -seq:].reshape(-1).bool().to(router_indices[0].device)
         for row, index in enumerate(router_indices):
-            valid = None
-            if attention_mask is not None:
-                valid = attention_mask[:, -(index.shape[0] // attention_mask.shape[0]) :].reshape(-1).bool()
-                index = index[valid.to(index.device)]
+            index = index if valid is None else index[valid]
             counts = torch.bincount(index.reshape(-1), minlength=self.num_experts)
             self.counts[row] += counts.to(self.counts)
 
