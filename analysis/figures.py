@@ -346,13 +346,33 @@ def plot_compositional_matrix(
 
 
 # `analysis._EXPORTS["figures"]` must equal this list (tests/test_analysis_exports.py).
-__all__ = [
-    "plot_compositional_matrix",
-    "plot_expert_load",
-    "plot_routing_dynamics",
-    "plot_similarity_matrix",
-    "plot_tsne",
-]
+def plot_router_saturation(
+    saturation: Mapping, path: str | Path, title: str | None = None, dpi: int = 100
+) -> str:
+    """How soon each token's expert stops changing: per token group (image, text, all tokens) the share of probe
+    tokens already on their final expert for good, at each probed step, one line per layer
+    (`saturation.router_saturation`'s `settled_by`); a dotted line marks the 90 % level."""
+    layers = saturation.get("layers") or {}
+    if not layers:
+        raise ValueError(f"no saturation to draw: {saturation.get('skipped', 'no layers')}")
+    steps = saturation["steps"]
+    colours = colormaps["viridis"](np.linspace(0.0, 0.9, len(layers)))
+    fig = _new_figure((12.0, 3.8), dpi)
+    axes = fig.subplots(1, len(LOAD_GROUPS), sharey=True, squeeze=False)[0]
+    for ax, group in zip(axes, LOAD_GROUPS):
+        ax.axhline(saturation["settled_level"], color="grey", linestyle=":", linewidth=0.9)
+        for k, (layer, per_group) in enumerate(layers.items()):
+            summary = per_group.get(group)
+            if summary:
+                ax.plot(steps, summary["settled_by"], color=colours[k], marker=".", markersize=3,
+                        label=f"layer {layer} (changed {summary['changed_share']:.0%})")  # fmt: skip
+        ax.set_title(f"{group} tokens", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylim(-0.03, 1.03)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("share settled on final expert")
+    fig.suptitle(title or "Router saturation: probe tokens settled on their final expert")
+    return _save(fig, path, dpi)
 
 
 def plot_ablation_metric(
@@ -376,3 +396,14 @@ def plot_ablation_metric(
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path, dpi)
+
+
+__all__ = [
+    "plot_ablation_metric",
+    "plot_compositional_matrix",
+    "plot_expert_load",
+    "plot_router_saturation",
+    "plot_routing_dynamics",
+    "plot_similarity_matrix",
+    "plot_tsne",
+]

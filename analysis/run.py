@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, ROUTING_LOG_FILE
+from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, PROBE_CHOICES_FILE, ROUTING_LOG_FILE
 from trainer.routing_stats import read_routing_log
 
 from . import figures
@@ -39,6 +39,7 @@ from .extract import (
 from .grounding import caption_grounding
 from .information import routing_information_report
 from .load import DYNAMICS_FIELDS, load_report, routing_dynamics
+from .saturation import read_probe_choices, router_saturation
 from .similarity import MATRIX_VARIANTS, group_concepts
 from .stats import diagonal_tests, silhouette_interval
 from .tsne import silhouettes, tsne_embed
@@ -231,6 +232,34 @@ def analyze_routing_log(model_dir: str | Path, out_dir: str | Path) -> tuple[dic
     return {"stage": stage, "figure": figure, **routing_dynamics_summary(dynamics)}, figure
 
 
+ROUTER_SATURATION_FIGURE = "router_saturation.png"
+
+
+def analyze_router_saturation(model_dir: str | Path, out_dir: str | Path) -> tuple[dict | None, str | None]:
+    """How soon each probe token's expert stopped changing over `model_dir`'s stage (`saturation.router_saturation`
+    of its probe-choices log, without the per-step curves, which the figure draws), and the figure's file name; (None,
+    None) when the stage has no such log (no routing probe, a dense model, a Hub id, a stage trained before it
+    existed)."""
+    path = Path(model_dir) / PROBE_CHOICES_FILE
+    if not path.is_file():
+        return None, None
+    saturation = router_saturation(read_probe_choices(path))
+    if "skipped" in saturation:
+        return saturation, None
+    figure = Path(
+        figures.plot_router_saturation(saturation, Path(out_dir) / ROUTER_SATURATION_FIGURE)
+    ).name
+    compact = {
+        **saturation,
+        "figure": figure,
+        "layers": {
+            layer: {group: {k: v for k, v in d.items() if k != "settled_by"} for group, d in per_group.items()}
+            for layer, per_group in saturation["layers"].items()
+        },
+    }
+    return compact, figure
+
+
 def analyze(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -253,7 +282,9 @@ def analyze(
     `raw` variant (the paper's) for existing readers. `grounding`: captions of the first `n_grounding`
     single-object test images scored for naming the right shape and colour (`analysis.grounding`).
     `routing_dynamics` (when `model_dir` has a routing log): when each layer collapsed during training, under both
-    definitions, and the last logged routing (`routing_dynamics_summary`), with the figure `routing_dynamics.png`."""
+    definitions, and the last logged routing (`routing_dynamics_summary`), with the figure `routing_dynamics.png`.
+    `router_saturation` (when `model_dir` has a probe-choices log): how soon each probe token's expert stopped
+    changing over the stage (`analyze_router_saturation`), with the figure `router_saturation.png`."""
     from trainer.data import MoeVlmCollator
 
     started = time.time()
@@ -346,6 +377,11 @@ def analyze(
         result["routing_dynamics"] = dynamics
     if dynamics_figure is not None:
         result["figures"].append(dynamics_figure)
+    saturation, saturation_figure = analyze_router_saturation(model_dir, out_dir)
+    if saturation is not None:
+        result["router_saturation"] = saturation
+    if saturation_figure is not None:
+        result["figures"].append(saturation_figure)
     result["seconds"] = time.time() - started
     result = _jsonable(result)
     (out_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))

@@ -20,6 +20,9 @@ COMPLETION_MARKER = "moe_vlm_stage.json"
 RECIPE_FILE = "recipe.yaml"
 # One JSON line per logging step: per-layer, per-group expert load during training (trainer.callbacks writes it).
 ROUTING_LOG_FILE = "routing_stats.jsonl"
+# One JSON line per probe run (Stage start and each logging step): every held-out probe token's chosen expert per
+# layer, so router saturation (how soon each token's expert stops changing) can be measured (trainer.callbacks).
+PROBE_CHOICES_FILE = "routing_probe_choices.jsonl"
 # The condensed routing log of a stage chain that `moe-vlm publish` puts in the Hub repo (hub.stats builds it).
 ROUTING_SUMMARY_FILE = "routing_stats.json"
 # What `moe-vlm analyze` and `moe-vlm evaluate` write.
@@ -50,6 +53,7 @@ __all__ = [
     "COMPLETION_MARKER",
     "LOAD_GROUPS",
     "MODALITIES",
+    "PROBE_CHOICES_FILE",
     "RECIPE_FILE",
     "REPORT_HTML",
     "REPORT_JSON",

@@ -27,6 +27,7 @@ FILE_NAMES = {
     contract.COMPLETION_MARKER,
     contract.RECIPE_FILE,
     contract.ROUTING_LOG_FILE,
+    contract.PROBE_CHOICES_FILE,
     contract.ROUTING_SUMMARY_FILE,
     contract.ANALYSIS_FILE,
     contract.CAPTIONING_FILE,

@@ -14,6 +14,7 @@ from test_train import make_shapes, make_stage0, quick_args, routing_lines, trai
 
 from analysis.figures import plot_routing_dynamics
 from analysis.load import expert_load, load_report, routing_dynamics
+from analysis.saturation import read_probe_choices, router_saturation
 from configuration.contract import COMPLETION_MARKER, LOAD_GROUPS, ROUTING_LOG_FILE
 from trainer.callbacks import compact_logs
 from trainer.load_stats import group_stats
@@ -223,6 +224,22 @@ def test_stage3_logs_training_and_probe_routing_at_every_logging_step(start):
     dyn = routing_dynamics(lines)
     assert set(dyn["train"]) == set(dyn["probe"]) == {"0", "1"}
     assert plot_routing_dynamics(out, root / "fig.png").endswith("fig.png")
+    # The per-token probe choices: once before any update (step 0), then at every log, the same tokens each time,
+    # and at each logged step the same dispatch as the probe's summary in the routing log.
+    choices = read_probe_choices(out)
+    assert [c["step"] for c in choices] == [0, 1, 2, 3] and {c["stage"] for c in choices} == {"3"}
+    n_tokens = lines[0]["probe"]["layers"]["0"]["all"]["tokens"]
+    for record in choices:
+        assert len(record["is_image"]) == n_tokens and set(record["layers"]) == {"0", "1"}
+        assert all(len(chosen) == n_tokens and set(chosen) <= {0, 1} for chosen in record["layers"].values())
+    for record, line in zip(choices[1:], lines):
+        for layer, chosen in record["layers"].items():
+            dispatch = line["probe"]["layers"][layer]["all"]["dispatch"]
+            assert np.mean(chosen) == pytest.approx(dispatch[1])
+            image = np.asarray(chosen)[np.asarray(record["is_image"])]
+            assert np.mean(image) == pytest.approx(line["probe"]["layers"][layer]["image"]["dispatch"][1])
+    saturation = router_saturation(choices)
+    assert saturation["steps"] == [0, 1, 2, 3] and set(saturation["layers"]) == {"0", "1"}
 
 
 def test_router_learning_rate_survives_a_kill_and_resume(start):
@@ -253,6 +270,9 @@ def test_router_learning_rate_survives_a_kill_and_resume(start):
     a, b = weights(whole), weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert routing_lines(whole) == routing_lines(resumed)
+    # The probe choices too: the resumed run kept steps 0-2 of the killed one and added step 3, once.
+    assert read_probe_choices(whole) == read_probe_choices(resumed)
+    assert [c["step"] for c in read_probe_choices(resumed)] == [0, 1, 2, 3]
 
 
 def test_probe_on_the_train_split_is_held_out_of_training(start, tiny_model, processor, tmp_path):

@@ -10,9 +10,21 @@ from pathlib import Path
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-from configuration.contract import ROUTING_LOG_FILE
+from configuration.contract import PROBE_CHOICES_FILE, ROUTING_LOG_FILE
 
 from .routing_stats import PREFIX, PROBE_PREFIX, unflatten
+
+
+def _keep_lines_up_to(path: Path, step: int) -> None:
+    """Resume rule of the per-step logs: a fresh run (step 0) starts a fresh file; a resumed one keeps the lines up
+    to its checkpoint's step and drops later ones (the interrupted run logged them after the checkpoint, and they
+    will be logged again)."""
+    if not path.exists():
+        return
+    kept = []
+    if step > 0:
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 class RoutingStatsCallback(TrainerCallback):
@@ -39,19 +51,8 @@ class RoutingStatsCallback(TrainerCallback):
         return Path(args.output_dir) / ROUTING_LOG_FILE
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # A fresh run starts a fresh file; a resumed one keeps the lines up to its checkpoint and drops later ones
-        # (they were logged after the checkpoint by the interrupted run and will be logged again).
-        path = self.path(args)
-        if not state.is_world_process_zero or not path.exists():
-            return
-        kept = []
-        if state.global_step > 0:
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if json.loads(line)["step"] <= state.global_step
-            ]
-        path.write_text("".join(line + "\n" for line in kept))
+        if state.is_world_process_zero:
+            _keep_lines_up_to(self.path(args), state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -67,6 +68,44 @@ class RoutingStatsCallback(TrainerCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class ProbeChoicesCallback(TrainerCallback):
+    """Appends, per run of the routing probe, every probe token's chosen expert per layer to
+    `<output_dir>/routing_probe_choices.jsonl` (main process only): `{"step": .., "stage": .., "layers": {"0":
+    [expert per token], ..}, "is_image": [bool per token]}` (`RoutingProbe.run`'s `choices`).
+
+    The probe runs at each training log (the stage Trainer's `log()`), and once more when a fresh run starts
+    (`run_probe`, step 0: the routing the stage starts from, before any update), so `analysis.saturation` can say
+    when each token's expert stopped changing. Probing at every log stands in for routing saved checkpoints: the
+    same held-out tokens, in eval mode, at a finer cadence than checkpoints are kept. A resumed run keeps the lines up
+    to its checkpoint, as the routing log does.
+    """
+
+    def __init__(self, stage: str, probe, run_probe):
+        self.stage, self.probe, self.run_probe = stage, probe, run_probe
+
+    def path(self, args) -> Path:
+        return Path(args.output_dir) / PROBE_CHOICES_FILE
+
+    def _write(self, args, state) -> None:
+        choices = self.probe.take_choices()  # taken on every process, written by the main one
+        if choices is None or not state.is_world_process_zero:
+            return
+        path = self.path(args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"step": state.global_step, "stage": self.stage, **choices}) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            _keep_lines_up_to(self.path(args), state.global_step)
+        if state.global_step == 0:  # every process runs it: the forward may be collective (FSDP)
+            self.run_probe()
+            self._write(args, state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._write(args, state)
 
 
 class GumbelTauCallback(TrainerCallback):
@@ -151,6 +190,7 @@ __all__ = [
     "CompactPrinterCallback",
     "CompactProgressCallback",
     "GumbelTauCallback",
+    "ProbeChoicesCallback",
     "ProcessInfoCallback",
     "RoutingStatsCallback",
     "compact_logs",

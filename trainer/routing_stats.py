@@ -144,6 +144,7 @@ class RoutingProbe:
         # Collated now, once: the batches are then fixed, and collating later would not touch the training RNG.
         rows = [records[i] for i in range(self.n_samples)]
         self.batches = [collator(rows[i : i + batch_size]) for i in range(0, self.n_samples, batch_size)]
+        self.choices: dict | None = None  # the last run's per-token choices, until taken
 
     def info(self) -> dict:
         return {
@@ -155,8 +156,14 @@ class RoutingProbe:
     @torch.no_grad()
     def run(self, model, prepare: Callable[[dict], dict] = lambda batch: batch) -> dict:
         """The probe's routing summary (as `RoutingAccumulator.summary`). `prepare` moves a batch to the model's
-        device (the Trainer's `_prepare_inputs`). The model is put back in the mode it was in."""
+        device (the Trainer's `_prepare_inputs`). The model is put back in the mode it was in.
+
+        Also keeps every valid probe token's chosen expert in `self.choices` until `take_choices()` (the
+        `ProbeChoicesCallback` writes them): `{"layers": {"<layer>": [expert per token]}, "is_image": [bool per
+        token]}`, tokens in batch order, padding left out, the same tokens at every run (the batches are fixed)."""
         accumulator = RoutingAccumulator(self.layers, self.num_experts)
+        chosen: dict[str, list[int]] = {str(layer): [] for layer in self.layers}
+        is_image: list[bool] = []
         was_training = model.training
         model.eval()
         try:
@@ -164,12 +171,23 @@ class RoutingProbe:
                 inputs = prepare({k: v for k, v in batch.items() if k != "labels"})
                 # One position of LM-head logits: only the router outputs are wanted.
                 out = model(**inputs, output_router_logits=True, logits_to_keep=1)
-                accumulator.update(
-                    out.router_logits, out.router_indices, out.modality_mask, inputs.get("attention_mask")
+                mask = inputs.get("attention_mask")
+                accumulator.update(out.router_logits, out.router_indices, out.modality_mask, mask)
+                valid = (
+                    (torch.ones_like(out.modality_mask) if mask is None else mask.bool()).reshape(-1).cpu()
                 )
+                is_image += out.modality_mask.reshape(-1).cpu()[valid].tolist()
+                for layer, index in zip(self.layers, out.router_indices):
+                    chosen[str(layer)] += index.detach().cpu()[valid][:, 0].tolist()  # top-1: the dispatch
         finally:
             model.train(was_training)
+        self.choices = {"layers": chosen, "is_image": is_image}
         return accumulator.summary()
+
+    def take_choices(self) -> dict | None:
+        """The per-token choices of the last `run` (None if none since the last take), then forgets them."""
+        choices, self.choices = self.choices, None
+        return choices
 
 
 def flatten(layers: dict, prefix: str = PREFIX) -> dict[str, float]:

@@ -25,6 +25,7 @@ from .callbacks import (
     CompactPrinterCallback,
     CompactProgressCallback,
     GumbelTauCallback,
+    ProbeChoicesCallback,
     RoutingStatsCallback,
 )
 from .freezing import apply_trainable
@@ -70,6 +71,14 @@ class MoeVlmStageTrainer(Trainer):
         probe_info = self.routing_probe.info() if self.routing_probe is not None else None
         callbacks = list(kwargs.pop("callbacks", None) or [])
         callbacks += [RoutingStatsCallback(self.stage, probe_info)] if self.is_moe else []
+        if self.routing_probe is not None:
+            callbacks.append(
+                ProbeChoicesCallback(
+                    self.stage,
+                    self.routing_probe,
+                    lambda: self.routing_probe.run(self.model, self._prepare_inputs),
+                )
+            )
         rate = stage_args.router_bias_update_rate
         self.bias_balancer = None
         if rate and self.is_moe:
