@@ -246,14 +246,14 @@ def analyze_router_saturation(model_dir: str | Path, out_dir: str | Path) -> tup
     saturation = router_saturation(read_probe_choices(path))
     if "skipped" in saturation:
         return saturation, None
-    figure = Path(
-        figures.plot_router_saturation(saturation, Path(out_dir) / ROUTER_SATURATION_FIGURE)
-    ).name
+    figure = Path(figures.plot_router_saturation(saturation, Path(out_dir) / ROUTER_SATURATION_FIGURE)).name
     compact = {
         **saturation,
         "figure": figure,
         "layers": {
-            layer: {group: {k: v for k, v in d.items() if k != "settled_by"} for group, d in per_group.items()}
+            layer: {
+                group: {k: v for k, v in d.items() if k != "settled_by"} for group, d in per_group.items()
+            }
             for layer, per_group in saturation["layers"].items()
         },
     }

@@ -90,7 +90,8 @@ def _group_summary(settling: Mapping[str, np.ndarray], keep: np.ndarray, steps: 
         "changed_share": float(settling["changed"][keep].mean()),
         "moved_share": float(settling["moved"][keep].mean()),
         "mean_flips": float(settling["flips"][keep].mean()),
-        "step_settled_90": int(steps[reached[0]]),  # the last step at the latest: every token has settled there
+        # The last step at the latest: every token has settled there.
+        "step_settled_90": int(steps[reached[0]]),
         "settled_by": settled_by,
     }
 
