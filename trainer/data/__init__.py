@@ -20,6 +20,14 @@ from .shapes import (
     render_scene,
     shape_template,
 )
+from .shifted import (
+    SHIFTED_BACKGROUNDS,
+    SHIFTED_COLOURS,
+    SHIFTED_SIZES,
+    build_shifted_shapes,
+    generate_shifted_shapes,
+    shifted_world,
+)
 
 __all__ = [
     "BACKGROUNDS",
@@ -28,20 +36,26 @@ __all__ = [
     "DEFAULT_SIZES",
     "IGNORE_INDEX",
     "SHAPES",
+    "SHIFTED_BACKGROUNDS",
+    "SHIFTED_COLOURS",
+    "SHIFTED_SIZES",
     "SIZES",
     "DataError",
     "EncodedSample",
     "LoadStats",
     "MoeVlmCollator",
     "build_shapes",
+    "build_shifted_shapes",
     "check_conversation",
     "check_image",
     "generate_shapes",
+    "generate_shifted_shapes",
     "load_coco_karpathy",
     "load_image",
     "load_llava_instruct",
     "render_scene",
     "sample_coco_concepts",
     "shape_template",
+    "shifted_world",
     "to_rgb",
 ]
