@@ -89,12 +89,23 @@ _EXPORTS = {
         "validate_captions",
     ],
     "figures": [
+        "plot_ablation_metric",
         "plot_compositional_matrix",
         "plot_expert_load",
+        "plot_router_saturation",
         "plot_routing_dynamics",
         "plot_similarity_matrix",
         "plot_tsne",
     ],
+    "instruction": [
+        "answer_slot",
+        "instruction_accuracy",
+        "instruction_prompt",
+        "instruction_records",
+        "question_kinds",
+        "score_answers",
+    ],
+    "saturation": ["SETTLED_LEVEL", "read_probe_choices", "router_saturation", "token_settling"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -196,22 +196,31 @@ def generate_captions(
     max_new_tokens: int = 24,
     batch_size: int = 16,
     prompt_format: str = "raw",
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """Greedy captions for `records` (batched, left-padded so every prompt ends where generation starts).
 
     `prompt_format`: `raw` (the caption prompt `<image>\\n`, the default) or `chat` (the chat template asking to
     describe the image, the format Stage 3 trains on); see `analysis.captioning.caption_prompt`. `prompt`, when
-    given, is used as it is instead (one `<image>` marker)."""
-    prompt = caption_prompt(processor, prompt_format) if prompt is None else prompt
+    given, is used as it is instead (one `<image>` marker). `prompts`, when given, is one such prompt per record
+    (e.g. a question each: `analysis.instruction`) and replaces both."""
+    records = list(records)
+    if prompts is None:
+        prompt = caption_prompt(processor, prompt_format) if prompt is None else prompt
+        prompts = [prompt] * len(records)
+    elif len(prompts := list(prompts)) != len(records):
+        raise ValueError(
+            f"prompts has {len(prompts)} entries for {len(records)} records; give one per record"
+        )
     device = _device(model)
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side
     captions = {}
     try:
         tokenizer.padding_side = "left"
-        for batch in _batches(list(records), batch_size, "captions"):
-            images = [r["image"].convert("RGB") for r in batch]
-            inputs = processor(images=images, text=[prompt] * len(batch), return_tensors="pt").to(device)
+        for batch in _batches(list(zip(records, prompts)), batch_size, "captions"):
+            images = [r["image"].convert("RGB") for r, _ in batch]
+            inputs = processor(images=images, text=[p for _, p in batch], return_tensors="pt").to(device)
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -220,7 +229,7 @@ def generate_captions(
                 eos_token_id=tokenizer.eos_token_id,
             )
             texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            captions.update({str(r["id"]): t.strip() for r, t in zip(batch, texts)})
+            captions.update({str(r["id"]): t.strip() for (r, _), t in zip(batch, texts)})
     finally:
         tokenizer.padding_side = side
     return captions
