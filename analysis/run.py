@@ -38,6 +38,7 @@ from .extract import (
 )
 from .grounding import caption_grounding
 from .information import routing_information_report
+from .instruction import instruction_accuracy, instruction_records
 from .load import DYNAMICS_FIELDS, load_report, routing_dynamics
 from .saturation import read_probe_choices, router_saturation
 from .similarity import MATRIX_VARIANTS, group_concepts
@@ -232,6 +233,30 @@ def analyze_routing_log(model_dir: str | Path, out_dir: str | Path) -> tuple[dic
     return {"stage": stage, "figure": figure, **routing_dynamics_summary(dynamics)}, figure
 
 
+def routing_report(model, collator, rows: list, seed: int = 0, batch_size: int = 16) -> dict:
+    """How an MoE model routes `rows` (caption records): `load` (per-layer expert load, collapse under both
+    definitions, purity towards the Stage 2 roles: `load.load_report`), `crossover` (the loss increase when every
+    token's routing is inverted, on the first half of the rows, at least 16) and `routing_information` (I(expert;
+    modality) per layer with a label-shuffle null). The part of `analyze` that also measures routing on data the
+    model was not trained on (`analysis.transfer`)."""
+    routing = routing_arrays(model, collator, rows, batch_size)
+    per_layer = {
+        layer: {"choices": r["choices"], "probs": r["probs"], "is_image": routing["is_image"]}
+        for layer, r in routing["layers"].items()
+    }
+    modality_to_expert = {
+        "image": model.config.modality_to_expert["image"],
+        "text": model.config.modality_to_expert["text"],
+    }
+    return {
+        "load": load_report(
+            per_layer, num_experts=model.config.num_experts, modality_to_expert=modality_to_expert
+        ),
+        "crossover": crossover_test(model, collator, rows[: max(16, len(rows) // 2)], batch_size),
+        "routing_information": routing_information_report(per_layer, model.config.num_experts, seed=seed),
+    }
+
+
 ROUTER_SATURATION_FIGURE = "router_saturation.png"
 
 
@@ -274,6 +299,7 @@ def analyze(
     batch_size: int = 16,
     n_grounding: int = 64,
     grounding_max_new_tokens: int = 16,
+    n_instruction: int = 16,
 ) -> dict:
     """Run every analysis on `model_dir`; write `analysis.json` and PNG figures to `out_dir`; return the dict.
 
@@ -283,7 +309,10 @@ def analyze(
     single-object test images scored for naming the right shape and colour (`analysis.grounding`).
     `routing_dynamics` (when `model_dir` has a routing log): when each layer collapsed during training, under both
     definitions, and the last logged routing (`routing_dynamics_summary`), with the figure `routing_dynamics.png`.
-    `router_saturation` (when `model_dir` has a probe-choices log): how soon each probe token's expert stopped
+    `instruction`: `n_instruction` held-out Shapes questions per kind (scenes from their own seed stream, never
+    trained on) answered in the chat format and scored by slot (`analysis.instruction`), when the data is the Shapes
+    world (its test split has `objects`); 0 leaves it out. `router_saturation` (when `model_dir` has a probe-choices
+    log): how soon each probe token's expert stopped
     changing over the stage (`analyze_router_saturation`), with the figure `router_saturation.png`."""
     from trainer.data import MoeVlmCollator
 
@@ -349,25 +378,11 @@ def analyze(
             ),
         },
     }
+    if n_instruction and "objects" in data["test"].column_names:
+        questions = instruction_records(seed, n_instruction, model.config.vision_config.image_size)
+        result["instruction"] = instruction_accuracy(model, processor, questions, batch_size=batch_size)
     if is_moe:
-        routing = routing_arrays(model, collator, test_rows, batch_size)
-        per_layer = {
-            layer: {"choices": r["choices"], "probs": r["probs"], "is_image": routing["is_image"]}
-            for layer, r in routing["layers"].items()
-        }
-        modality_to_expert = {
-            "image": model.config.modality_to_expert["image"],
-            "text": model.config.modality_to_expert["text"],
-        }
-        result["load"] = load_report(
-            per_layer, num_experts=model.config.num_experts, modality_to_expert=modality_to_expert
-        )
-        result["crossover"] = crossover_test(
-            model, collator, test_rows[: max(16, n_samples // 2)], batch_size
-        )
-        result["routing_information"] = routing_information_report(
-            per_layer, model.config.num_experts, seed=seed
-        )
+        result.update(routing_report(model, collator, test_rows, seed, batch_size))
         init_model = load_checkpoint(init_dir)[0] if init_dir is not None else None
         result["expert_similarity"] = expert_similarity(model, collator, test_rows[:64], init_model)
 

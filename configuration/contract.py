@@ -28,6 +28,8 @@ ROUTING_SUMMARY_FILE = "routing_stats.json"
 # What `moe-vlm analyze` and `moe-vlm evaluate` write.
 ANALYSIS_FILE = "analysis.json"
 CAPTIONING_FILE = "captioning.json"
+# What `analysis.transfer` writes: the routing measured on a world the model was not trained on.
+TRANSFER_FILE = "transfer.json"
 # What the reproduction writes at the top of its run directory.
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -59,5 +61,6 @@ __all__ = [
     "REPORT_JSON",
     "ROUTING_LOG_FILE",
     "ROUTING_SUMMARY_FILE",
+    "TRANSFER_FILE",
     "cache_root",
 ]

@@ -8,12 +8,16 @@ changes (`stage3:`), applied over the embedded Stage 3 recipe and written as a c
 Layout under `--out`:
 
     seed<N>/pretrain, stage0, stage1, stage2      the shared chain (as `moe-vlm reproduce` builds it)
-    seed<N>/ablations/<variant>/stage3-recipe.yaml, stage3/, analysis/, cell.json
+    seed<N>/ablations/<variant>/stage3-recipe.yaml, stage3/, analysis/, transfer/<world>/, cell.json
     ablation.json, ablation.md, figures/<metric>.png
 
 `cell.json` is written last, by rename: a cell with it is complete and is skipped when the command runs again; a
 cell without it resumes its steps (a finished Stage 3 and finished analyses are kept). The cells run in `--jobs`
 processes, each with its share of the cores as torch threads.
+
+Transfer: every cell's Stage 3 is also measured on worlds it was not trained on (`analysis.transfer`): the shifted
+Shapes world of its seed (`trainer.data.shifted`, built once per seed before the cells run) and any `--transfer
+NAME=DIR` DatasetDict (e.g. COCO), with held-out questions rendered in the shifted world for instruction accuracy.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, COMPLETION_MARKER
+from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, COMPLETION_MARKER, TRANSFER_FILE
 
 from .seeds import interval, seed_dir_name
 
@@ -49,6 +53,9 @@ PAIRED = (
     "purity_balanced",
     "routing_mi",
     "expert_cka",
+    "instruction_accuracy",
+    "saturation_settle_fraction",
+    "transfer_shifted_routing_mi",
 )
 
 TABLE_JSON = "ablation.json"
@@ -82,6 +89,18 @@ COLUMNS = (
         "dist. from init",
         "relative weight distance from the shared Stage 0 weights",
     ),
+    ("instruction_accuracy", "instr. acc.", "held-out Shapes questions answered right, macro over kinds"),
+    (
+        "saturation_settle_fraction",
+        "settle frac.",
+        "share of Stage 3 before a probe token's expert stops changing, mean over tokens and layers",
+    ),
+    ("saturation_changed_share", "changed", "share of probe tokens whose expert ever changed in Stage 3"),
+    ("transfer_shifted_routing_mi", "shifted I(E;M)/H(M)", "routing MI on the shifted Shapes world"),
+    ("transfer_shifted_purity_balanced", "shifted purity", "balanced purity on the shifted Shapes world"),
+    ("transfer_shifted_crossover_increase_pct", "shifted crossover %", "crossover on the shifted world"),
+    ("transfer_shifted_grounding_shape_accuracy", "shifted ground. shape", "grounding on the shifted world"),
+    ("transfer_shifted_instruction_accuracy", "shifted instr. acc.", "questions asked in the shifted world"),
 )
 
 
@@ -177,9 +196,13 @@ def run_cell(
     threads: int,
     overrides: dict | None = None,
     data_dir: str | None = None,
+    transfer: dict[str, str] | None = None,
+    n_instruction: int = 8,
 ) -> dict:
-    """Stage 3 of `variant` from `seed_dir/stage2`, its analysis and captioning evaluation, then `cell.json` (its
-    metrics and timings). Runs in a worker process: sets its torch threads first."""
+    """Stage 3 of `variant` from `seed_dir/stage2`, its analysis and captioning evaluation, its routing on each
+    `transfer` world ({name: saved DatasetDict}; `shifted` also gets `n_instruction` held-out questions per kind
+    rendered in the shifted world), then `cell.json` (its metrics and timings). Runs in a worker process: sets its
+    torch threads first."""
     import torch
 
     torch.set_num_threads(threads)
@@ -223,6 +246,15 @@ def run_cell(
         lambda: evaluate(stage3, analysis_dir, data_dir=data_dir, seed=seed, n_samples=n_eval),
         (analysis_dir / CAPTIONING_FILE).is_file(),
     )
+    for world, world_dir in (transfer or {}).items():
+        out_dir = cell / "transfer" / world
+        step(
+            f"transfer_{world}",
+            lambda world=world, world_dir=world_dir, out_dir=out_dir: _measure_transfer(
+                stage3, out_dir, world, world_dir, seed, n_samples, n_instruction
+            ),
+            (out_dir / TRANSFER_FILE).is_file(),
+        )
     result = {
         "variant": variant.name,
         "seed": seed,
@@ -235,13 +267,59 @@ def run_cell(
     return result
 
 
+SHIFTED = "shifted"  # the transfer world every cell is measured on: its seed's shifted Shapes world
+
+
+def _image_size(model_dir) -> int:
+    """The image side a stage directory's vision tower takes (its config, defaults filled in)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True).vision_config.image_size
+
+
+def _measure_transfer(stage3, out_dir, world, world_dir, seed, n_samples, n_instruction) -> None:
+    from analysis.instruction import instruction_records
+    from analysis.transfer import analyze_transfer
+    from trainer.data.shifted import shifted_seed, shifted_world
+
+    questions = None
+    if world == SHIFTED and n_instruction:
+        with shifted_world():  # scenes of the shifted world's own seed stream, scored with the same names
+            questions = instruction_records(shifted_seed(seed), n_instruction, _image_size(stage3))
+    analyze_transfer(
+        stage3, out_dir, world_dir, name=world, seed=seed, n_samples=n_samples, instruction_records=questions
+    )
+
+
 def cell_metrics(cell: Path) -> dict[str, float]:
-    """`pipeline.report.model_metrics` of a cell's Stage 3 (its analysis.json and captioning.json)."""
-    from .report import model_metrics, model_row
+    """`pipeline.report.model_metrics` of a cell's Stage 3 (its analysis.json and captioning.json), and
+    `transfer_metrics` of each world it was measured on (its transfer/<world>/transfer.json)."""
+    from .report import model_metrics, model_row, transfer_metrics
 
     analysis = json.loads((cell / "analysis" / ANALYSIS_FILE).read_text())
     captioning = json.loads((cell / "analysis" / CAPTIONING_FILE).read_text())
-    return model_metrics(model_row(cell.name, cell.name, analysis, captioning), analysis)
+    metrics = model_metrics(model_row(cell.name, cell.name, analysis, captioning), analysis)
+    for path in sorted((cell / "transfer").glob(f"*/{TRANSFER_FILE}")):
+        metrics.update(transfer_metrics(json.loads(path.read_text())))
+    return metrics
+
+
+def prepare_transfer(seed_dir: Path, seed: int, extra: dict[str, str] | None, log=print) -> dict[str, str]:
+    """The transfer worlds of one seed's cells: its shifted Shapes world (built once, cached, at the image size of
+    its Stage 2) and the `extra` ones ({name: saved DatasetDict directory}, checked to exist)."""
+    from trainer.data.shifted import build_shifted_shapes
+
+    for name, path in (extra or {}).items():
+        if name == SHIFTED or not name.isidentifier():
+            raise ValueError(f"--transfer {name}={path}: the name must be a word other than {SHIFTED!r}")
+        if not (Path(path) / "dataset_dict.json").is_file():
+            raise FileNotFoundError(
+                f"--transfer {name}={path}: not a saved DatasetDict (no dataset_dict.json there; write one with "
+                "DatasetDict.save_to_disk, with a `test` split)"
+            )
+    log(f"[ablate] seed {seed}: shifted Shapes world for transfer ...")
+    worlds = {SHIFTED: str(build_shifted_shapes(seed=seed, image_size=_image_size(seed_dir / "stage2")))}
+    return {**worlds, **{name: str(path) for name, path in (extra or {}).items()}}
 
 
 # ----- the whole grid --------------------------------------------------------------------------------------------
@@ -258,6 +336,8 @@ def ablate(
     cache: bool = True,
     overrides: dict | None = None,
     data_dir: str | Path | None = None,
+    transfer: dict[str, str] | None = None,
+    n_instruction: int = 8,
     log=print,
 ) -> dict:
     """Every variant x seed cell not yet complete under `out`, then the table. Returns the table dict.
@@ -265,7 +345,9 @@ def ablate(
     `jobs`: worker processes for the cells (default: one per two cores, at least one); the cores are shared out as
     torch threads. `overrides`: Stage 3 recipe fields applied to every variant after its own (the smoke test's
     budget); recorded in each cell and in the table. `data_dir`: a saved DatasetDict the analyses read instead of
-    the seed's generated Shapes world (as `moe-vlm analyze --data`)."""
+    the seed's generated Shapes world (as `moe-vlm analyze --data`). `transfer`: {name: saved DatasetDict} worlds
+    measured besides the seed's shifted Shapes world (`prepare_transfer`); `n_instruction`: held-out questions per
+    kind asked in the shifted world."""
     from .reproduce import Pretraining
 
     out = Path(out)
@@ -280,6 +362,7 @@ def ablate(
     started = time.time()
     pretraining = Pretraining(out, cache=cache)
     trained = [prepare_seed(out / seed_dir_name(seed), seed, pretraining, log) for seed in seeds]
+    worlds = {seed: prepare_transfer(out / seed_dir_name(seed), seed, transfer, log) for seed in seeds}
     chain_seconds = round(time.time() - started, 1)
 
     cells, pending = {}, []
@@ -312,6 +395,8 @@ def ablate(
                     threads,
                     overrides,
                     None if data_dir is None else str(data_dir),
+                    worlds[s],
+                    n_instruction,
                 ): (v.name, s)
                 for v, s in pending
             }

@@ -31,7 +31,16 @@ def _cmd_ablate(args) -> None:
         n_eval=args.n_eval,
         cache=not args.no_cache,
         overrides=overrides or None,
+        transfer=dict(args.transfer),
+        n_instruction=args.n_instruction,
     )
+
+
+def _named_dir(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR (e.g. coco=data/coco-karpathy), got {text!r}")
+    return name, path
 
 
 def _register_ablate(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +72,18 @@ def _register_ablate(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="Stage 3 steps for every variant (a smoke budget; default: each variant's own recipe)",
+    )
+    p.add_argument(
+        "--transfer",
+        type=_named_dir,
+        nargs="+",
+        default=[],
+        metavar="NAME=DIR",
+        help="more worlds to measure each variant's routing on (a saved DatasetDict with a test split, e.g. COCO); "
+        "the seed's shifted Shapes world is always measured",
+    )
+    p.add_argument(
+        "--n-instruction", type=int, default=8, help="held-out questions per kind asked in the shifted world"
     )
     p.add_argument("--no-cache", action="store_true", help="build the pretraining inside --out")
     p.set_defaults(func=_cmd_ablate)

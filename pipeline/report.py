@@ -616,8 +616,11 @@ def model_metrics(row: dict, analysis: dict) -> dict[str, float]:
     """One model's numbers worth a seed interval, unprefixed: captioning, grounding, the diagonal per matrix variant at
     the analysed layer, crossover, collapse under both definitions (`collapsed_layers`: hard, `collapsed_soft_layers`:
     soft), silhouettes, binding, purity (balanced, towards the Stage 2 roles, mean over layers), the experts' CKA and
-    relative weight distance from the shared Stage 0 initialisation (means over layers and weights), and the
-    routing's mutual information with the modality (mean over layers and per layer, normalised by H(modality)).
+    relative weight distance from the shared Stage 0 initialisation (means over layers and weights), the
+    routing's mutual information with the modality (mean over layers and per layer, normalised by H(modality)),
+    router saturation over the stage (`saturation_settle_fraction`: mean over layers of the tokens' settle
+    fractions; `saturation_changed_share`: share of probe tokens whose expert ever changed) and instruction accuracy
+    on the held-out Shapes questions (macro over question kinds, and per kind).
     Only finite numbers. `row`: its `model_row`."""
     out: dict[str, float] = {}
     put = functools.partial(_put_finite, out)
@@ -634,9 +637,7 @@ def model_metrics(row: dict, analysis: dict) -> dict[str, float]:
         put(f"{variant}_diagonal_mean_margin", d.get("mean_margin"))
         put(f"{variant}_offset_share", d.get("offset_share"))
     put("crossover_increase_pct", row.get("crossover_pct"))
-    for key, value in (analysis.get("load") or {}).items():  # n_collapsed and any other collapse count
-        if key.startswith("n_collapsed"):
-            put(f"{key[2:]}_layers", value)
+    _collapse_metrics(put, analysis)
     tsne = analysis.get("tsne") or {}
     put("silhouette_modality", tsne.get("silhouette_modality_hidden"))
     put("silhouette_concept", tsne.get("silhouette_concept_hidden"))
@@ -645,8 +646,7 @@ def model_metrics(row: dict, analysis: dict) -> dict[str, float]:
         binding = comp[max(comp, key=int)]["binding"]
         for kind in ("attribute", "object", "swap"):
             put(f"binding_{kind}", (binding.get(kind) or {}).get("fraction"))
-    layers = (analysis.get("load") or {}).get("layers") or {}
-    put("purity_balanced", _mean((d.get("purity") or {}).get("balanced") for d in layers.values()))
+    _purity_metrics(put, analysis)
     similarity = analysis.get("expert_similarity") or {}
     put("expert_cka", _mean([d.get("cka_experts_0_1") for d in similarity.values()]))
     put(
@@ -660,11 +660,57 @@ def model_metrics(row: dict, analysis: dict) -> dict[str, float]:
             ]
         ),
     )
+    _information_metrics(put, analysis)
+    saturation = analysis.get("router_saturation") or {}
+    put("saturation_settle_fraction", saturation.get("mean_settle_fraction"))
+    put("saturation_changed_share", saturation.get("changed_share"))
+    _instruction_metrics(put, analysis)
+    return out
+
+
+# The parts of `model_metrics` that `transfer_metrics` shares: they read keys `analysis.run.routing_report` (and the
+# instruction evaluation) write in analysis.json and transfer.json alike.
+def _collapse_metrics(put, analysis: dict) -> None:
+    for key, value in (analysis.get("load") or {}).items():  # n_collapsed and any other collapse count
+        if key.startswith("n_collapsed"):
+            put(f"{key[2:]}_layers", value)
+
+
+def _purity_metrics(put, analysis: dict) -> None:
+    layers = (analysis.get("load") or {}).get("layers") or {}
+    put("purity_balanced", _mean((d.get("purity") or {}).get("balanced") for d in layers.values()))
+
+
+def _information_metrics(put, analysis: dict) -> None:
     information = analysis.get("routing_information") or {}
     put("routing_mi", information.get("mean_normalised"))
     for layer, r in sorted((information.get("layers") or {}).items(), key=lambda kv: int(kv[0])):
         put(f"routing_mi_layer{layer}", r.get("normalised"))
-    return out
+
+
+def _instruction_metrics(put, analysis: dict) -> None:
+    instruction = analysis.get("instruction") or {}
+    put("instruction_accuracy", instruction.get("accuracy"))
+    for kind, d in sorted((instruction.get("by_kind") or {}).items()):
+        put(f"instruction_{kind}_accuracy", d.get("accuracy"))
+
+
+def transfer_metrics(transfer: dict) -> dict[str, float]:
+    """A transfer measurement's numbers (`analysis.transfer.analyze_transfer`'s transfer.json), named as
+    `model_metrics` names the same measurement on the training world and prefixed `transfer_<name>_` (e.g.
+    `transfer_shifted_routing_mi`): crossover, collapse, purity, routing mutual information, grounding and
+    instruction accuracy, where measured. Only finite numbers."""
+    out: dict[str, float] = {}
+    put = functools.partial(_put_finite, out)
+    put("crossover_increase_pct", (transfer.get("crossover") or {}).get("increase_pct"))
+    _collapse_metrics(put, transfer)
+    _purity_metrics(put, transfer)
+    _information_metrics(put, transfer)
+    grounding = transfer.get("grounding") or {}
+    put("grounding_shape_accuracy", grounding.get("shape_accuracy"))
+    put("grounding_colour_accuracy", grounding.get("colour_accuracy"))
+    _instruction_metrics(put, transfer)
+    return {f"transfer_{transfer['name']}_{key}": value for key, value in out.items()}
 
 
 def headline(rows: list[dict], analyses: dict[str, dict], run_dir: Path | None = None) -> dict[str, float]:

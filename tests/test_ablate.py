@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 from test_train import make_shapes, make_stage0, quick_args, train
 
-from configuration.contract import CACHE_ENV, COMPLETION_MARKER
+from configuration.contract import CACHE_ENV, COMPLETION_MARKER, TRANSFER_FILE
 from pipeline import ablate
 from trainer.recipes import parse_recipe
 
@@ -56,6 +56,33 @@ def test_unknown_or_malformed_variants_are_named(tmp_path, monkeypatch):
         ablate.load_variants()
 
 
+def test_transfer_worlds_are_checked_before_anything_is_built(tmp_path):
+    with pytest.raises(ValueError, match="a word other than 'shifted'"):
+        ablate.prepare_transfer(tmp_path, 0, {"shifted": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="not a saved DatasetDict"):
+        ablate.prepare_transfer(tmp_path, 0, {"coco": str(tmp_path / "missing")})
+
+
+def test_transfer_metrics_are_named_by_world():
+    from pipeline.report import transfer_metrics
+
+    transfer = {
+        "name": "coco",
+        "crossover": {"increase_pct": 3.5},
+        "load": {"n_collapsed": 1, "n_collapsed_soft": 2, "layers": {"0": {"purity": {"balanced": 0.75}}}},
+        "routing_information": {"mean_normalised": 0.25, "layers": {"0": {"normalised": 0.25}}},
+        "grounding": {"n": 0, "skipped": "no objects"},
+    }
+    assert transfer_metrics(transfer) == {
+        "transfer_coco_crossover_increase_pct": 3.5,
+        "transfer_coco_collapsed_layers": 1.0,
+        "transfer_coco_collapsed_soft_layers": 2.0,
+        "transfer_coco_purity_balanced": 0.75,
+        "transfer_coco_routing_mi": 0.25,
+        "transfer_coco_routing_mi_layer0": 0.25,
+    }
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """Stages 0-2 of seed 0 from the test chain, then `ablate` over baseline and aux_free, 3 Stage 3 steps each."""
@@ -88,6 +115,7 @@ def smoke(tmp_path_factory):
         n_eval=4,
         overrides=budget,
         data_dir=shapes,
+        n_instruction=1,
         log=lines.append,
     )
     yield root / "out", table, lines
@@ -107,9 +135,32 @@ def test_smoke_table_has_the_columns_and_the_cells_numbers(smoke):
         for key, value in cell["metrics"].items():
             assert row["metrics"][key]["values"] == {"0": value}
             assert row["metrics"][key]["mean"] == value  # one seed: the mean is the value, no interval
-        assert {"captioning_CIDEr", "routing_mi", "raw_diagonal_k_over_n", "collapsed_layers"} <= set(
-            cell["metrics"]
+        assert {
+            "captioning_CIDEr",
+            "routing_mi",
+            "raw_diagonal_k_over_n",
+            "collapsed_layers",
+            "instruction_accuracy",
+            "saturation_settle_fraction",
+            "saturation_changed_share",
+            "transfer_shifted_routing_mi",
+            "transfer_shifted_instruction_accuracy",
+        } <= set(cell["metrics"])
+        # the transfer numbers are the ones the cell's transfer measurement wrote, on the shifted world
+        transfer = json.loads(
+            (
+                out / "seed0" / "ablations" / row["variant"] / "transfer" / "shifted" / TRANSFER_FILE
+            ).read_text()
         )
+        assert "shifted" in transfer["data"]
+        assert (
+            cell["metrics"]["transfer_shifted_routing_mi"]
+            == transfer["routing_information"]["mean_normalised"]
+        )
+        assert cell["metrics"]["transfer_shifted_instruction_accuracy"] == transfer["instruction"]["accuracy"]
+        assert transfer["instruction"]["n"] == len(
+            transfer["instruction"]["by_kind"]
+        )  # one question per kind
         assert f"| {row['variant']} |" in markdown
     for figure in written["figures"]:
         assert (out / figure).stat().st_size > 0

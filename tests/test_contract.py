@@ -31,6 +31,7 @@ FILE_NAMES = {
     contract.ROUTING_SUMMARY_FILE,
     contract.ANALYSIS_FILE,
     contract.CAPTIONING_FILE,
+    contract.TRANSFER_FILE,
     contract.REPORT_JSON,
     contract.REPORT_HTML,
 }
