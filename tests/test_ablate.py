@@ -194,3 +194,38 @@ def test_smoke_rerun_trains_nothing_and_writes_the_same_table(smoke, monkeypatch
     assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in table["rows"]]
     assert any("2 complete, 0 to run" in line for line in lines)
     assert Path(out / ablate.TABLE_MD).is_file()
+
+
+def test_transfer_to_a_coco_format_world_measures_the_routing_and_skips_grounding(smoke, tmp_path):
+    """`--transfer coco=DIR`: a saved DatasetDict of real-format COCO records (a Karpathy file the test writes) gets
+    the routing measurements; grounding, which needs Shapes' `objects`, says why it was skipped."""
+    from datasets import DatasetDict
+    from PIL import Image
+
+    from analysis.transfer import analyze_transfer
+    from pipeline.report import transfer_metrics
+    from trainer.data import load_coco_karpathy
+
+    images = []
+    for i, colour in enumerate(("red", "blue", "green", "white")):
+        filename = f"COCO_val2014_{i:012d}.jpg"
+        (tmp_path / "coco" / "val2014").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), colour).save(tmp_path / "coco" / "val2014" / filename)
+        sentence = {"raw": f"A {colour} wall.", "tokens": ["a", colour, "wall"], "imgid": i, "sentid": i}
+        images.append(
+            {"filepath": "val2014", "filename": filename, "imgid": i, "split": "test", "cocoid": i,
+             "sentids": [i], "sentences": [sentence]}
+        )  # fmt: skip
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    test = load_coco_karpathy(tmp_path / "dataset_coco.json", tmp_path / "coco", "test")
+    DatasetDict({"test": test}).save_to_disk(str(tmp_path / "coco-dd"))
+
+    out, _, _ = smoke
+    stage3 = out / "seed0" / "ablations" / "baseline" / "stage3"
+    transfer = analyze_transfer(stage3, tmp_path / "t", tmp_path / "coco-dd", name="coco", n_samples=4)
+    assert transfer["samples"]["n"] == 4 and "skipped" in transfer["grounding"]
+    assert set(transfer["routing_information"]["layers"]) == set(transfer["load"]["layers"])
+    metrics = transfer_metrics(json.loads((tmp_path / "t" / TRANSFER_FILE).read_text()))
+    assert metrics["transfer_coco_routing_mi"] == transfer["routing_information"]["mean_normalised"]
+    assert "transfer_coco_crossover_increase_pct" in metrics
+    assert not any("grounding" in key or "instruction" in key for key in metrics)
