@@ -233,6 +233,13 @@ def analyze_routing_log(model_dir: str | Path, out_dir: str | Path) -> tuple[dic
     return {"stage": stage, "figure": figure, **routing_dynamics_summary(dynamics)}, figure
 
 
+def split_grounding(model, processor, data, n: int, max_new_tokens: int, batch_size: int = 16) -> dict:
+    """`grounding.caption_grounding` on the first `n` single-object records of `data["test"]`, saying which split."""
+    split = data["test"]
+    return {"split": "test", **caption_grounding(model, processor, split, n=n, max_new_tokens=max_new_tokens,
+                                                 batch_size=batch_size)}  # fmt: skip
+
+
 def routing_report(model, collator, rows: list, seed: int = 0, batch_size: int = 16) -> dict:
     """How an MoE model routes `rows` (caption records): `load` (per-layer expert load, collapse under both
     definitions, purity towards the Stage 2 roles: `load.load_report`), `crossover` (the loss increase when every
@@ -366,17 +373,9 @@ def analyze(
         "bootstrap": {layer: v["bootstrap"] for layer, v in concepts["raw"].items()},
         "tsne": tsne,
         "compositional": compositional,
-        "grounding": {
-            "split": "test",
-            **caption_grounding(
-                model,
-                processor,
-                data["test"],
-                n=n_grounding,
-                max_new_tokens=grounding_max_new_tokens,
-                batch_size=batch_size,
-            ),
-        },
+        "grounding": split_grounding(
+            model, processor, data, n_grounding, grounding_max_new_tokens, batch_size
+        ),
     }
     if n_instruction and "objects" in data["test"].column_names:
         questions = instruction_records(seed, n_instruction, model.config.vision_config.image_size)

@@ -42,9 +42,8 @@ def analyze_transfer(
 
     from trainer.data import MoeVlmCollator
 
-    from .grounding import caption_grounding
     from .instruction import instruction_accuracy
-    from .run import _jsonable, _rows, load_checkpoint, routing_report
+    from .run import _jsonable, _rows, load_checkpoint, routing_report, split_grounding
 
     started = time.time()
     torch.manual_seed(seed)
@@ -62,13 +61,8 @@ def analyze_transfer(
         "seed": seed,
         "samples": {"split": "test", "n": len(rows)},
         **routing_report(model, MoeVlmCollator(processor), rows, seed, batch_size),
-        "grounding": caption_grounding(
-            model,
-            processor,
-            data["test"],
-            n=n_grounding,
-            max_new_tokens=grounding_max_new_tokens,
-            batch_size=batch_size,
+        "grounding": split_grounding(
+            model, processor, data, n_grounding, grounding_max_new_tokens, batch_size
         ),
     }
     if instruction_records:
