@@ -13,10 +13,16 @@ user's turn of the processor's chat template (`<s>[INST] <image>\\nprompt [/INST
 Runs as a Hub Space as it is (`python app.py`; only `requirements.txt` is installed there, so nothing here imports
 the project's other packages) and from the repository as `moe-vlm demo`. The model comes from `MODEL_ID` (a Hub id
 or a local directory); see `model_source.py` for the defaults.
+
+Both launch paths serve on 127.0.0.1 (this machine only) unless told otherwise: `--host`, else `$GRADIO_SERVER_NAME`
+(a Hub Space sets it to 0.0.0.0, which it must: its proxy reaches the app over the network). Uploads above
+`MAX_UPLOAD_BYTES` are refused by the server; a model directory holding pickled weights is refused unless
+`--allow-pickle` (or `ALLOW_PICKLE_WEIGHTS=1`) says it is trusted.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 import warnings
@@ -33,12 +39,26 @@ from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: E402
 if __package__:  # imported as `space.app`: the repository, `moe-vlm demo`, the tests
     from . import routing_view as view
     from .input_checks import InputError, check_prompt, load_image
-    from .model_source import ModelChoice, choose_model, choose_prompt_format
+    from .model_source import (
+        ModelChoice,
+        allow_pickle_from_env,
+        choose_model,
+        choose_prompt_format,
+        refuse_pickles,
+    )
+    from .serving import add_launch_arguments, exposure_warning, launch_options
     from .shapes_examples import example_inputs
 else:  # run as a script: a Hub Space runs `python app.py` inside this folder
     import routing_view as view
     from input_checks import InputError, check_prompt, load_image
-    from model_source import ModelChoice, choose_model, choose_prompt_format
+    from model_source import (
+        ModelChoice,
+        allow_pickle_from_env,
+        choose_model,
+        choose_prompt_format,
+        refuse_pickles,
+    )
+    from serving import add_launch_arguments, exposure_warning, launch_options
     from shapes_examples import example_inputs
 
 MAX_NEW_TOKENS = 20
@@ -51,13 +71,22 @@ class RoutingDemo:
     """The loaded model and processor, and one request's work under a lock: routing switches change the shared
     model in place, so two requests must not interleave, and each request restores the model's own mode."""
 
-    def __init__(self, choice: ModelChoice):
+    def __init__(self, choice: ModelChoice, allow_pickle: bool | None = None):
+        """`allow_pickle`: load pickled weights (None: `$ALLOW_PICKLE_WEIGHTS`); without it a local directory
+        holding a pickle is refused (`model_source.refuse_pickles`) and only safetensors weights are read."""
         self.choice = choice
+        allow_pickle = allow_pickle_from_env() if allow_pickle is None else allow_pickle
+        refuse_pickles(choice, allow_pickle)
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(choice.source, trust_remote_code=True).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(
+                choice.source, trust_remote_code=True, use_safetensors=None if allow_pickle else True
+            ).eval()
             self.processor = AutoProcessor.from_pretrained(choice.source, trust_remote_code=True)
-        except OSError as error:  # a Hub id that does not exist, or no network to fetch it
-            raise FileNotFoundError(f"could not load the model {choice.source!r}: {error}") from None
+        except (
+            OSError
+        ) as error:  # a Hub id that does not exist, no network to fetch it, or no safetensors weights
+            hint = "" if allow_pickle else " (the Space reads safetensors weights only: see --allow-pickle)"
+            raise FileNotFoundError(f"could not load the model {choice.source!r}: {error}{hint}") from None
         if not hasattr(self.model, "set_router_mode") or not self.model.config.moe_layers:
             raise ValueError(
                 f"{choice.source} is not a moe-vlm model with MoE layers (model_type="
@@ -140,9 +169,10 @@ def with_plain_upload_errors(image: gr.Image) -> gr.Image:
     return image
 
 
-def build_demo(model_id_or_path: str | None = None) -> gr.Blocks:
-    """The Blocks app for one model (see `model_source.choose_model` for what `None` picks)."""
-    demo_model = RoutingDemo(choose_model(model_id_or_path))
+def build_demo(model_id_or_path: str | None = None, allow_pickle: bool | None = None) -> gr.Blocks:
+    """The Blocks app for one model (see `model_source.choose_model` for what `None` picks; `RoutingDemo` for
+    `allow_pickle`)."""
+    demo_model = RoutingDemo(choose_model(model_id_or_path), allow_pickle)
     config = demo_model.model.config
     moe_layers = [int(i) for i in config.moe_layers]
     colour_map = view.expert_colour_map(config.num_experts)
@@ -266,6 +296,22 @@ def build_demo(model_id_or_path: str | None = None) -> gr.Blocks:
     return demo
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python app.py [--model ...] [--host ...] [--port ...] [--allow-pickle]`: what a Hub Space runs (no options:
+    `MODEL_ID`, the card, and Gradio's variables decide)."""
+    parser = argparse.ArgumentParser(prog="app.py", description=__doc__.splitlines()[0])
+    add_launch_arguments(parser, port_default=None)
+    args = parser.parse_args(argv)
+    options = launch_options(args.host, args.port)
+    try:
+        demo = build_demo(args.model, args.allow_pickle)
+    except (ValueError, FileNotFoundError) as error:  # bad input a person can fix: one line, no traceback
+        parser.exit(2, f"app.py: error: {error}\n")
+    warning = exposure_warning(options["server_name"])
+    if warning:
+        print(f"app.py: {warning}", flush=True)
+    demo.launch(**options)
+
+
 if __name__ == "__main__":  # a Hub Space runs `python app.py`
-    demo = build_demo()
-    demo.launch()
+    main()

@@ -18,6 +18,10 @@ MAX_PIXELS = 40_000_000
 # above the vision tower's resolution survives it anyway.
 MAX_SIDE = 1024
 MAX_PROMPT_CHARS = 2000
+# Refuse uploads above this many bytes (Gradio's `launch(max_file_size=...)`: the server stops reading the request
+# there, answering 413; gradio_client and the page refuse a larger file before sending it). A 40-MP JPEG photo is
+# 10-20 MB; anything larger is a file far beyond what the model looks at, or not an image at all.
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 IMAGE_MARKER = "<image>"
 
 
@@ -95,4 +99,12 @@ def check_prompt(prompt: str | None) -> str:
     return text if markers else f"{IMAGE_MARKER}\n{text}"
 
 
-__all__ = ["MAX_PIXELS", "MAX_SIDE", "InputError", "check_prompt", "load_image"]
+__all__ = [
+    "MAX_PIXELS",
+    "MAX_PROMPT_CHARS",
+    "MAX_SIDE",
+    "MAX_UPLOAD_BYTES",
+    "InputError",
+    "check_prompt",
+    "load_image",
+]

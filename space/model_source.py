@@ -29,6 +29,16 @@ INSTRUCTION_STAGES = ("3",)  # trained on [INST] conversations: prompts go throu
 PROMPT_FORMATS = ("raw", "chat")
 PROMPT_FORMAT_ENV = "PROMPT_FORMAT"  # set to raw or chat to override the choice below
 
+# Weights saved with pickle (`torch.save`: .bin, .pt, .pth, .ckpt) run code of the file's choosing when loaded, so a
+# model directory holding one is refused unless the person says they trust it (`--allow-pickle`, or this variable
+# set to 1); the Space loads safetensors only (`use_safetensors=True`), which cannot carry code. The project's own
+# loaders apply the same rule (trainer/); the Space keeps this copy because a Hub Space runs without the project
+# installed (as with `MARKER`).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+ALLOW_PICKLE_ENV = "ALLOW_PICKLE_WEIGHTS"
+# Pickles that `from_pretrained` never opens: the Trainer writes its arguments beside every model it saves.
+UNREAD_PICKLES = ("training_args.bin",)
+
 
 @dataclass(frozen=True)
 class ModelChoice:
@@ -78,6 +88,46 @@ def choose_prompt_format(choice: ModelChoice, processor) -> tuple[str, str]:
     if fmt == "chat" and getattr(processor, "chat_template", None) is None:
         return "raw", "the processor has no chat template"
     return fmt, why
+
+
+class PickleRefused(ValueError):
+    """A model directory holds pickled files and the person did not allow them; the message says what to do."""
+
+
+def allow_pickle_from_env() -> bool:
+    """Whether `$ALLOW_PICKLE_WEIGHTS` allows pickled weights: 1/true/yes allow, unset/0/false/no do not."""
+    value = os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"{ALLOW_PICKLE_ENV}={value!r}: set it to 1 to allow pickled weights, or leave it unset")
+
+
+def pickle_files(directory: Path) -> list[str]:
+    """The pickled files in `directory` that loading could open: its top level, which is what `from_pretrained`
+    reads, less `UNREAD_PICKLES`."""
+    return sorted(
+        path.name
+        for path in Path(directory).iterdir()
+        if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES and path.name not in UNREAD_PICKLES
+    )
+
+
+def refuse_pickles(choice: ModelChoice, allow_pickle: bool) -> None:
+    """Raise `PickleRefused` when `choice` is a local directory holding pickled files and `allow_pickle` is False.
+    (A Hub id cannot be listed offline; `use_safetensors=True` keeps its pickles unread.)"""
+    directory = Path(choice.source).expanduser()
+    if allow_pickle or not directory.is_dir():
+        return
+    found = pickle_files(directory)
+    if found:
+        raise PickleRefused(
+            f"{directory} holds pickled files ({', '.join(found)}): loading pickle can run any code the file "
+            "carries, so the Space loads safetensors weights only. Save the model with save_pretrained (it writes "
+            f"model.safetensors) and remove them, or, if you trust this checkpoint, pass --allow-pickle or set "
+            f"{ALLOW_PICKLE_ENV}=1."
+        )
 
 
 def read_marker(directory: Path) -> dict | None:
@@ -182,4 +232,15 @@ def choose_model(model_id_or_path: str | None = None) -> ModelChoice:
     return build_untrained_model()
 
 
-__all__ = ["ModelChoice", "choose_model", "choose_prompt_format", "find_reproduced_model", "model_from_card"]
+__all__ = [
+    "ALLOW_PICKLE_ENV",
+    "PICKLE_SUFFIXES",
+    "ModelChoice",
+    "PickleRefused",
+    "allow_pickle_from_env",
+    "choose_model",
+    "choose_prompt_format",
+    "find_reproduced_model",
+    "model_from_card",
+    "refuse_pickles",
+]

@@ -531,7 +531,7 @@ def test_refusals_are_one_clear_line(run_dir, tmp_path, monkeypatch):
 SPACE_ID = "someone/moe-vlm-routing"
 SPACE_DIR = Path(__file__).resolve().parents[1] / "space"
 SPACE_FILES = {
-    "README.md", "app.py", "input_checks.py", "model_source.py", "requirements.txt", "routing_view.py",
+    "README.md", "app.py", "input_checks.py", "model_source.py", "requirements.txt", "routing_view.py", "serving.py",
     "shapes_examples.py", "examples/blue_square_yellow_triangle.png", "examples/green_star.png",
     "examples/pink_heart_cyan_diamond.png", "examples/red_circle.png",
 }  # fmt: skip

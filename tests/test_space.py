@@ -50,11 +50,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    """The app on 127.0.0.1 and a free port, closed after the module; yields its URL."""
+    """The app on 127.0.0.1 and a free port as both launch paths serve it (`serving.launch_options`: the upload
+    limit too), closed after the module; yields its URL."""
     from space.app import build_demo
+    from space.serving import launch_options
 
     demo = build_demo(str(model_dir))
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(**launch_options("127.0.0.1", free_port()), prevent_thread_lock=True, quiet=True)
     try:
         yield demo.local_url
     finally:
