@@ -216,7 +216,7 @@ def coco_entry(draw, i: int, images: dict) -> dict:
     if fault in ("cocoid", "filepath", "filename", "split", "sentences"):
         entry[fault] = draw(missing_or_junk)
     elif fault == "raw":
-        sentences[0]["raw"] = draw(missing_or_junk)
+        sentences[0] = record({"raw": draw(missing_or_junk), "tokens": []})
     elif fault == "text":
         sentences[0]["raw"] = draw(bad_texts)
     return record(entry)
@@ -423,6 +423,7 @@ def test_each_mistyped_llava_field_is_named(tmp_path, case):
 BAD_COCO = {
     "entry-not-object": ("just a string", "#0", "bad record"),
     "split-int": ({"cocoid": 1, "split": 3}, "1", "bad field: 'split'"),
+    "split-list": ({"cocoid": 1, "split": ["train"]}, "1", "bad field: 'split'"),
     "sentences-str": ({"cocoid": 1, "sentences": "A cat."}, "1", "bad field: 'sentences'"),
     "raw-int": ({"cocoid": 1, "sentences": [{"raw": 5}]}, "1", "bad field: sentence 0 'raw'"),
     "raw-empty": ({"cocoid": 1, "sentences": [{"raw": "  "}]}, "1", "empty caption"),

@@ -69,9 +69,8 @@ def _open_header(fp, record_id: object, where: str) -> Image.Image:
         raise DataError(
             record_id, f"image too large: {where} ({e}); above MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,}"
         ) from e
-    except (
-        Exception
-    ) as e:  # UnidentifiedImageError, OSError, and plugin errors (SyntaxError, struct.error...)
+    # UnidentifiedImageError, OSError, and the plugins' own errors (SyntaxError, struct.error, ValueError...)
+    except Exception as e:
         raise DataError(record_id, f"corrupt image: cannot decode {where} ({e}); replace the file") from e
     _check_size(img, record_id, where)
     return img
