@@ -72,7 +72,11 @@ def _open_header(fp, record_id: object, where: str) -> Image.Image:
     # UnidentifiedImageError, OSError, and the plugins' own errors (SyntaxError, struct.error, ValueError...)
     except Exception as e:
         raise DataError(record_id, f"corrupt image: cannot decode {where} ({e}); replace the file") from e
-    _check_size(img, record_id, where)
+    try:
+        _check_size(img, record_id, where)
+    except DataError:
+        img.close()  # the file PIL opened for the header
+        raise
     return img
 
 
@@ -172,6 +176,7 @@ def load_image(source: object, record_id: object) -> Image.Image:
     try:
         img.load()
     except Exception as e:  # truncated data, bad checksums, PIL plugin errors of any type
+        img.close()
         raise DataError(record_id, f"corrupt image: cannot decode {where} ({e}); replace the file") from e
     return to_rgb(img, record_id)
 
