@@ -95,6 +95,22 @@ class StageArguments:
     image_root: str | None = field(
         default=None, metadata={"help": "folder the COCO / LLaVA image paths start from"}
     )
+    on_error: str = field(
+        default="raise",
+        metadata={
+            "help": "a bad COCO / LLaVA record (missing, corrupt, empty, oversized image; empty caption; malformed "
+            "conversation or field): raise (stop, naming the file and record) | skip (leave it out, count it in "
+            "the log and the completion marker's `data` entry)"
+        },
+    )
+    verify: str = field(
+        default="open",
+        metadata={
+            "help": "how much of each COCO / LLaVA image is checked before training: none | exists | open (header "
+            "and structure, cheap) | full (decode every pixel: also catches truncated JPEGs, so with on_error: skip no "
+            "bad image can stop the run later)"
+        },
+    )
     trainable: list[str] | None = field(
         default=None,
         metadata={
@@ -200,7 +216,12 @@ class StageArguments:
     )
 
     def __post_init__(self):
+        from .data.errors import check_on_error
+        from .data.images import check_verify
+
         check_stage(self.stage)
+        check_on_error(self.on_error)
+        check_verify(self.verify)
         if self.router_learning_rate is not None and self.router_learning_rate <= 0:
             raise ValueError(f"router_learning_rate must be > 0, got {self.router_learning_rate}")
         if self.router_dropout is not None and not 0 <= self.router_dropout < 1:

@@ -21,7 +21,7 @@ from .data import MoeVlmCollator
 from .dense import to_dense
 from .freezing import changed_params_check, fingerprints
 from .recipes import Recipe, StageArguments, write_resolved_recipe
-from .stage_data import load_split
+from .stage_data import data_summary, load_split
 from .stage_dirs import COMPLETION_MARKER, check_start, clear_marker, remove_checkpoints, write_marker
 from .stages import STAGE_TRAINERS
 
@@ -109,7 +109,9 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
     trainer_class = STAGE_TRAINERS[stage]
     split = args.train_split  # the recipe's (StageArguments fills it from the embedded recipe when unset)
     with training.main_process_first(desc="training data"):
-        dataset = load_split(args, split, model.config.vision_config.image_size)
+        dataset, data_stats = load_split(
+            args, split, model.config.vision_config.image_size, return_stats=True, lazy_images=True
+        )
     if split == "instruct" or args.dataset == "llava":
         # Instruction-tuned from here on: the saved processor says so, which is all a Hub copy (and the Space
         # hosted on the Hub) can see of how to prompt this model.
@@ -161,6 +163,8 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
                 "train_split": split,
                 # What was trained on: the routing probe may have held records out of the training split.
                 "n_train_records": len(trainer.train_dataset),
+                # COCO / LLaVA: records read, kept and skipped (on_error: skip), with the reasons.
+                **({"data": data_summary(data_stats)} if data_stats is not None else {}),
                 "world_size": training.world_size,
                 "changed_params_check": check,
                 **({"routing_probe": probe.info()} if probe is not None else {}),

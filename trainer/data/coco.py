@@ -21,11 +21,11 @@ import os
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from .errors import DataError, LoadStats, check_on_error, handle, logger
-from .images import Verify, check_image
+from .errors import DataError, LoadStats, check_on_error, check_text, handle, logger
+from .images import Verify, check_image, check_verify
 
 #: Eight concrete COCO categories (the paper's examples include "car" and "apple").
 DEFAULT_COCO_CONCEPTS: tuple[str, ...] = (
@@ -80,8 +80,8 @@ def _read_json(path: str | os.PathLike, what: str) -> object:
             return json.load(f)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{what} not found: {path}") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON in UTF-8 ({e})") from e
 
 
 def _resolve(image_root: Path, *parts: str) -> Path:
@@ -97,6 +97,25 @@ def _checked(path: Path, rid: str, verify: Verify, stats: LoadStats) -> None:
     mode = check_image(path, rid, verify)
     if mode and mode != "RGB":
         stats.converted_modes[mode] += 1
+
+
+def _sentences(value: object, rid: str) -> list[str]:
+    """The non-empty ``raw`` texts of an entry's ``sentences``, or a DataError saying what is wrong."""
+    if value is None:
+        value = []
+    if not isinstance(value, list):
+        raise DataError(rid, f"bad field: 'sentences' must be a list of objects, got {type(value).__name__}")
+    texts = []
+    for k, sentence in enumerate(value):
+        if not isinstance(sentence, Mapping):
+            raise DataError(
+                rid, f"bad field: sentence {k} must be an object with 'raw', got {sentence!r:.60}"
+            )
+        texts.append(check_text(sentence.get("raw", ""), rid, f"sentence {k} 'raw'").strip())
+    texts = [t for t in texts if t]
+    if not texts:
+        raise DataError(rid, "empty caption: no non-empty 'raw' sentence; fix the split file or skip it")
+    return texts
 
 
 def load_coco_karpathy(
@@ -122,6 +141,7 @@ def load_coco_karpathy(
     from datasets import Dataset
 
     check_on_error(on_error)
+    check_verify(verify)
     splits = {split} if isinstance(split, str) else set(split)
     unknown = splits - {"train", "val", "test", "restval"}
     if unknown:
@@ -132,23 +152,33 @@ def load_coco_karpathy(
             f"{karpathy_json} is not a Karpathy split file (expected an object with an 'images' list)"
         )
     root = Path(image_root)
-    stats = LoadStats(source=f"COCO Karpathy {'+'.join(sorted(splits))} ({karpathy_json})")
+    stats = LoadStats(
+        source=f"COCO Karpathy {'+'.join(sorted(splits))} ({karpathy_json})", file=str(karpathy_json)
+    )
     rows: dict[str, list] = {"id": [], "image": [], "caption": [], "references": [], "objects": []}
-    for entry in data["images"]:
-        if entry.get("split") not in splits:
+    for i, entry in enumerate(data["images"]):
+        if not isinstance(entry, Mapping):
+            stats.n_records += 1
+            handle(DataError(f"#{i}", "bad record: an 'images' entry must be an object"), on_error, stats)
+            continue
+        rid = next(
+            (str(entry[k]) for k in ("cocoid", "imgid", "filename") if entry.get(k) is not None), f"#{i}"
+        )
+        split_name = entry.get("split")
+        if isinstance(split_name, str) and split_name not in splits:
             continue
         stats.n_records += 1
-        rid = str(entry.get("cocoid", entry.get("imgid", entry.get("filename", "?"))))
         try:
-            sentences = [s.get("raw", "").strip() for s in entry.get("sentences") or []]
-            sentences = [s for s in sentences if s]
-            if not sentences:
+            if not isinstance(split_name, str):
                 raise DataError(
-                    rid, "empty caption: no non-empty 'raw' sentence; fix the split file or skip it"
+                    rid, f"bad field: 'split' must be one of train, val, test, restval, got {split_name!r}"
                 )
-            if not entry.get("filename"):
+            sentences = _sentences(entry.get("sentences"), rid)
+            filename = entry.get("filename")
+            if filename is None or filename == "":
                 raise DataError(rid, "image missing: the entry has no 'filename'")
-            path = _resolve(root, entry.get("filepath", ""), entry["filename"])
+            filename = check_text(filename, rid, "'filename'")
+            path = _resolve(root, check_text(entry.get("filepath") or "", rid, "'filepath'"), filename)
             _checked(path, rid, verify, stats)
         except DataError as e:
             handle(e, on_error, stats)
@@ -210,6 +240,7 @@ def sample_coco_concepts(
     from datasets import Dataset
 
     check_on_error(on_error)
+    check_verify(verify)
     data = _read_json(instances_json, "COCO instances file")
     if not all(k in data for k in ("images", "annotations", "categories")):
         raise ValueError(
@@ -231,7 +262,7 @@ def sample_coco_concepts(
 
     root = Path(image_root)
     rng = random.Random(seed)
-    stats = LoadStats(source=f"COCO concepts ({instances_json})")
+    stats = LoadStats(source=f"COCO concepts ({instances_json})", file=str(instances_json))
     rows: dict[str, list] = {"id": [], "image": [], "caption": [], "concept": []}
     used: set[int] = set()
     n_template = 0
@@ -282,7 +313,9 @@ def sample_coco_concepts(
                 taken += 1
         if taken < n:
             err = DataError(
-                concept, f"too few images: found {taken} usable images of {concept!r}, need {n}; lower n"
+                concept,
+                f"too few images: found {taken} usable images of {concept!r}, need {n}; lower n",
+                instances_json,
             )
             if on_error == "raise":
                 raise err

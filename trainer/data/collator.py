@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DataError, logger
+from .errors import DataError, check_text, logger
 from .images import load_image
 from .llava import GPT_ROLES, HUMAN_ROLES, check_conversation
 
@@ -119,6 +119,8 @@ class MoeVlmCollator:
 
     def _caption(self, record: Mapping, rid: str, has_image: bool) -> tuple[list[int], list[int]]:
         caption = record.get("caption")
+        if caption is not None:
+            check_text(caption, rid, "'caption'")
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(rid, "empty caption: the record has no caption text; fix or drop the record")
         if self.image_marker in caption:

@@ -19,13 +19,40 @@ OnError = Literal["raise", "skip"]
 
 
 class DataError(ValueError):
-    """A record that cannot be used as it is; the message names the record and what to fix."""
+    """A record that cannot be used as it is; the message names the file, the record and what to fix.
 
-    def __init__(self, record_id: object, problem: str):
+    ``source`` is the file the record came from (a loader's JSON file); a loader fills it in when the
+    error leaves it (:func:`handle`), so the message reads ``"<file>: record '<id>': <problem>"``.
+    """
+
+    def __init__(self, record_id: object, problem: str, source: object = None):
         self.record_id = None if record_id is None else str(record_id)
         self.problem = problem
+        self.source = None if source is None else str(source)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
         where = f"record {self.record_id!r}" if self.record_id is not None else "record"
-        super().__init__(f"{where}: {problem}")
+        return f"{self.source}: {where}: {self.problem}" if self.source else f"{where}: {self.problem}"
+
+
+def check_text(value: object, record_id: object, what: str) -> str:
+    """``value`` if it is a string that can be stored and tokenised, else a DataError naming ``what``.
+
+    JSON can spell lone UTF-16 surrogates (``"\\ud800"``) that Python decodes but neither Arrow nor the
+    tokenizer can encode; they are refused here rather than failing deep inside ``datasets``.
+    """
+    if not isinstance(value, str):
+        raise DataError(
+            record_id, f"bad field: {what} must be text, got {type(value).__name__} {value!r:.60}"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            record_id, f"invalid text: {what} is not valid Unicode ({e.reason}); fix the file"
+        ) from e
+    return value
 
 
 def check_on_error(on_error: str) -> None:
@@ -39,6 +66,7 @@ class LoadStats:
     """What a loader read, kept, skipped (and why), and which images need an RGB conversion."""
 
     source: str = ""
+    file: str = ""  # the file the records come from: named in every DataError the loader raises
     n_records: int = 0
     n_loaded: int = 0
     skipped_ids: list[str] = field(default_factory=list)
@@ -78,10 +106,13 @@ class LoadStats:
 
 
 def handle(err: DataError, on_error: str, stats: LoadStats) -> None:
-    """Apply the policy to one bad record: raise it, or count it as skipped."""
+    """Apply the policy to one bad record: raise it (naming ``stats.file``), or count it as skipped."""
+    if err.source is None and stats.file:
+        err.source = stats.file
+        err.args = (str(err),)
     if on_error == "raise":
         raise err
     stats.skip(err)
 
 
-__all__ = ["DataError", "LoadStats", "OnError", "check_on_error", "handle", "logger"]
+__all__ = ["DataError", "LoadStats", "OnError", "check_on_error", "check_text", "handle", "logger"]

@@ -18,8 +18,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .errors import DataError, LoadStats, check_on_error, handle
-from .images import Verify, check_image
+from .errors import DataError, LoadStats, check_on_error, check_text, handle
+from .images import Verify, check_image, check_verify
 
 IMAGE_MARKER = "<image>"
 HUMAN_ROLES = ("human", "user")
@@ -43,12 +43,12 @@ def check_conversation(
             raise DataError(record_id, f"bad turn: turn {t} is not an object with 'from' and 'value'")
         role, value = turn.get("from"), turn.get("value")
         expected = HUMAN_ROLES if t % 2 == 0 else GPT_ROLES
-        if role not in expected:
+        if not isinstance(role, str) or role not in expected:
             raise DataError(
                 record_id,
                 f"bad turn order: turn {t} is from {role!r}, expected {expected[0]!r} (turns alternate human/gpt)",
             )
-        if not isinstance(value, str) or not value.strip():
+        if value is None or not check_text(value, record_id, f"turn {t} ({role}) 'value'").strip():
             raise DataError(record_id, f"empty turn: turn {t} ({role}) has no text")
         if role in GPT_ROLES and marker in value:
             raise DataError(record_id, f"image marker in answer: turn {t} ({role}) contains {marker!r}")
@@ -73,6 +73,8 @@ def _read_records(path: Path) -> list:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"LLaVA-Instruct file not found: {path}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from e
     try:
         if path.suffix == ".jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -111,19 +113,23 @@ def load_llava_instruct(
     from datasets import Dataset
 
     check_on_error(on_error)
+    check_verify(verify)
     root = Path(image_root)
     records = _read_records(Path(json_path))
-    stats = LoadStats(source=f"LLaVA-Instruct ({json_path})", n_records=len(records))
+    stats = LoadStats(source=f"LLaVA-Instruct ({json_path})", file=str(json_path), n_records=len(records))
     rows: dict[str, list] = {"id": [], "image": [], "conversations": []}
     for i, rec in enumerate(records):
-        rid = str(rec.get("id", f"#{i}")) if isinstance(rec, Mapping) else f"#{i}"
+        has_id = isinstance(rec, Mapping) and rec.get("id") is not None
+        rid = str(rec["id"]) if has_id else f"#{i}"
         try:
             if not isinstance(rec, Mapping):
                 raise DataError(rid, "bad record: expected an object with 'id', 'image', 'conversations'")
+            if has_id and not isinstance(rec["id"], (str, int)):
+                raise DataError(rid, f"bad field: 'id' must be a string, got {type(rec['id']).__name__}")
             name = rec.get("image")
             path = None
-            if name:
-                path = root / str(name)
+            if name is not None and name != "":  # absent: a text-only record
+                path = root / check_text(name, rid, "'image' (a file name under image_root)")
                 mode = check_image(path, rid, verify)
                 if mode and mode != "RGB":
                     stats.converted_modes[mode] += 1
