@@ -14,7 +14,8 @@ weights_only=True)` (trainer.py, `_load_rng_state` and `_load_optimizer_and_sche
 A config that does not describe the checkpoint's weights is refused too: transformers only warns about missing or
 unexpected keys and initialises the missing ones at random, so a `vision_config` edited to another tower would train
 on a random vision tower without a word. `from_pretrained_checked` loads with `output_loading_info=True` and refuses
-any shape mismatch, and any missing or unexpected key of the vision tower or the connector, naming `vision_config`.
+any shape mismatch, and any missing or unexpected key of the vision tower or the connector, naming `vision_config`;
+it reads the config on its own first, so that a field its config class refuses is reported with the file to fix.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def from_pretrained_checked(model_class, source: str | Path, allow_pickle: bool 
     """`model_class.from_pretrained(source, **kwargs)` with the two refusals of this module: pickled weights unless
     `allow_pickle` (then `weights_only=True`), and weights that do not fit the config. Returns the model."""
     check_no_pickle(source, allow_pickle)
+    check_config(source, trust_remote_code=kwargs.get("trust_remote_code", False))
     kwargs = {
         **kwargs,
         "use_safetensors": safetensors_only(allow_pickle),
@@ -120,6 +122,19 @@ def from_pretrained_checked(model_class, source: str | Path, allow_pickle: bool 
         raise _unpickling_refused(source, error) from error
     check_loading_info(info, source)
     return model
+
+
+def check_config(source: str | Path, trust_remote_code: bool = False) -> None:
+    """Read `source`'s config on its own first, so that a value its config class refuses (`num_experts_per_tok`
+    above `num_experts`, `image_token_id` outside the vocabulary, `moe_layers` out of range: `MoeVlmConfig.
+    check_moe_vlm`) is reported with the file to fix."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        where = Path(source) / "config.json" if Path(source).is_dir() else source
+        raise ValueError(f"{where}: {error}") from error
 
 
 def load_pickled_weights(path: str | Path, allow_pickle: bool = False) -> dict:
@@ -145,6 +160,7 @@ __all__ = [
     "ALLOW_PICKLE_HELP",
     "PICKLE_SUFFIXES",
     "TRAINER_STATE_FILES",
+    "check_config",
     "check_loading_info",
     "check_no_pickle",
     "from_pretrained_checked",
