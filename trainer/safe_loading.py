@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import pickle
+import re
 from pathlib import Path
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -150,9 +151,12 @@ def load_pickled_weights(path: str | Path, allow_pickle: bool = False) -> dict:
 
 
 def _unpickling_refused(source, error: Exception) -> ValueError:
+    # torch's message: how to load the file anyway, then the refused object ("Unsupported global: GLOBAL x.y").
+    refused = re.search(r"Unsupported global: GLOBAL [\w.]+", str(error))
     return ValueError(
         f"{source}: the pickled weights hold objects other than tensors, which torch.load(weights_only=True) "
-        f"refuses to unpickle (they could run code); use safetensors weights ({str(error).splitlines()[0]})"
+        f"refuses to unpickle (they could run code); use safetensors weights"
+        + (f" ({refused.group(0)})" if refused else "")
     )
 
 
