@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from trainer.safe_loading import ALLOW_PICKLE_HELP
+
 
 def _cmd_analyze(args) -> None:
     from .run import analyze
@@ -17,6 +19,7 @@ def _cmd_analyze(args) -> None:
         n_probe=args.n_probe,
         n_samples=args.n_samples,
         n_permutations=args.n_permutations,
+        allow_pickle=args.allow_pickle,
     )
     last = max(result["binomial"], key=int)
     b = result["binomial"][last]
@@ -37,6 +40,7 @@ def _cmd_evaluate(args) -> None:
         seed=args.seed,
         n_samples=args.n_samples,
         prompt_formats=args.prompt_format,
+        allow_pickle=args.allow_pickle,
     )
     keys = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
     print(f"captioning.json -> {args.out} (trained on the {result['training_prompt_format']} prompt format)")
@@ -48,15 +52,14 @@ def _cmd_evaluate(args) -> None:
 
 def _cmd_route(args) -> None:
     from PIL import Image
-    from transformers import AutoModelForCausalLM, AutoProcessor
 
     from .captioning import training_prompt_format
     from .routing import format_routing, route_sample
+    from .run import load_checkpoint
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
+    model, processor = load_checkpoint(args.model, args.allow_pickle)
     if args.router_mode:
         model.set_router_mode(args.router_mode)
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.image:
         with Image.open(args.image) as opened:
             image = opened.convert("RGB")
@@ -100,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data", default=None, help="a saved DatasetDict (default: the Shapes world)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--n-samples", type=int, default=200 if name == "analyze" else 100)
+        p.add_argument("--allow-pickle", "--allow_pickle", action="store_true", help=ALLOW_PICKLE_HELP)
         if name == "evaluate":
             p.add_argument(
                 "--prompt-format",
@@ -124,6 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--text", default="<image>\nA red circle.", help="text; '<image>' marks where the image goes"
     )
     p.add_argument("--router-mode", default=None, choices=["hard", "gumbel", "softmax", "modality_aware"])
+    p.add_argument("--allow-pickle", "--allow_pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.add_argument(
         "--prompt-format",
         default="auto",

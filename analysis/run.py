@@ -46,16 +46,21 @@ from .stats import diagonal_tests, silhouette_interval
 from .tsne import silhouettes, tsne_embed
 
 
-def load_checkpoint(model_dir: str | Path):
-    """Model (eval mode) + processor of a stage directory or Hub id, through the Auto classes."""
+def load_checkpoint(model_dir: str | Path, allow_pickle: bool = False):
+    """Model (eval mode) + processor of a stage directory or Hub id, through the Auto classes: safetensors weights
+    only unless `allow_pickle`, and refused when the config does not match the weights (`trainer.safe_loading`)."""
     from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from trainer.safe_loading import from_pretrained_checked
 
     path = Path(model_dir)
     if not (path / "config.json").is_file() and path.exists():
         raise FileNotFoundError(
             f"{model_dir} has no config.json: not a model directory (run `moe-vlm train` first)"
         )
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True).eval()
+    model = from_pretrained_checked(
+        AutoModelForCausalLM, model_dir, allow_pickle=allow_pickle, trust_remote_code=True
+    ).eval()
     processor = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=True)
     return model, processor
 
@@ -307,6 +312,7 @@ def analyze(
     n_grounding: int = 64,
     grounding_max_new_tokens: int = 16,
     n_instruction: int = 16,
+    allow_pickle: bool = False,
 ) -> dict:
     """Run every analysis on `model_dir`; write `analysis.json` and PNG figures to `out_dir`; return the dict.
 
@@ -327,7 +333,7 @@ def analyze(
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = load_checkpoint(model_dir)
+    model, processor = load_checkpoint(model_dir, allow_pickle)
     data = load_data(data_dir, seed, model.config.vision_config.image_size)
     collator = MoeVlmCollator(processor)
     layers = list(range(model.config.num_hidden_layers))
@@ -382,7 +388,7 @@ def analyze(
         result["instruction"] = instruction_accuracy(model, processor, questions, batch_size=batch_size)
     if is_moe:
         result.update(routing_report(model, collator, test_rows, seed, batch_size))
-        init_model = load_checkpoint(init_dir)[0] if init_dir is not None else None
+        init_model = load_checkpoint(init_dir, allow_pickle)[0] if init_dir is not None else None
         result["expert_similarity"] = expert_similarity(model, collator, test_rows[:64], init_model)
 
     result["figures"] = _figures(result, states, embedding, modality, concept, names, out_dir)
@@ -465,6 +471,7 @@ def evaluate(
     max_new_tokens: int = 24,
     batch_size: int = 16,
     meteor: bool = True,
+    allow_pickle: bool = False,
 ) -> dict:
     """Greedy captions on the test split and COCO caption metrics, per prompt format; writes `captioning.json` and
     `captions.json`.
@@ -480,7 +487,7 @@ def evaluate(
     started = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = load_checkpoint(model_dir)
+    model, processor = load_checkpoint(model_dir, allow_pickle)
     data = load_data(data_dir, seed, model.config.vision_config.image_size)
     rows = _rows(data["test"], n_samples)
     own_format = training_prompt_format(model_dir, processor)

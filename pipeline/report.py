@@ -35,6 +35,8 @@ from configuration.contract import (
 )
 from trainer.freezing import group_of
 
+from .provenance import provenance_html
+
 # The paper's numbers (Ticinovic & Han), quoted only for the comparison column.
 PAPER = {
     "stage2_binomial": {"k": 6, "n": 8, "p": 8.52e-5},
@@ -972,6 +974,7 @@ def _html(report: dict, run_dir: Path) -> str:
                 parts.append(_img(png))
             elif name != "stage3":  # Stage 3's has its own section above
                 parts.append(_img(png, routing_dynamics_caption(dynamics[name])))
+    parts.append(provenance_html(report))
     parts.append("<h2>Time per stage</h2><table><tr><th>step</th><th>seconds</th></tr>")
     for step, seconds in report["timings_seconds"].items():
         parts.append(f"<tr><td>{html.escape(step)}</td><td>{seconds:.1f}</td></tr>")

@@ -22,7 +22,6 @@ Layout: one seed (`--seed N`, or `--seeds N`) writes the run straight into `--ou
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from configuration.contract import (
 )
 
 from . import pretrain_cache
+from .provenance import provenance
 from .seeds import seed_dir_name, seed_verdict, write_aggregate_report
 
 # A run's pretraining entry: a symlink to the cached folder (with --no-cache, to or being `<out>/pretrain`).
@@ -211,7 +211,7 @@ def run_seed(
 
     this_run = round(time.time() - started, 1)
     extra = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        **provenance(),  # machine and package versions
         "seed": seed,
         "pretraining": pretrain_info,
         "seconds_this_invocation": this_run,
@@ -275,7 +275,7 @@ def reproduce_seeds(
         timings[seed_dir_name(seed)] = reports[seed].get("seconds_all_steps")
         timings_file.write_text(json.dumps(timings, indent=1))
     extra = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        **provenance(),  # machine and package versions
         "pretraining": reports[seeds[0]].get("pretraining"),
         "timings_seconds": timings,
         "seconds_this_invocation": round(time.time() - started, 1),

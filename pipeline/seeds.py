@@ -29,6 +29,8 @@ from scipy import stats
 
 from configuration.contract import REPORT_HTML, REPORT_JSON
 
+from .provenance import provenance_html
+
 CONFIDENCE = 0.95
 INTERVAL_METHOD = (
     "Student t interval for the mean across seeds: mean ± t(0.975, n-1)·s/√n, s the sample standard deviation "
@@ -288,6 +290,7 @@ def _html(report: dict) -> str:
         for part, seconds in timings.items():
             parts.append(f"<tr><td>{html.escape(part)}</td><td>{_fmt(seconds)}</td></tr>")
         parts.append("</table>")
+    parts.append(provenance_html(report))
     parts.append("</body></html>")
     return "\n".join(parts)
 

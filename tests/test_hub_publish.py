@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -396,15 +397,34 @@ def validate_space_metadata(content: str) -> str | None:
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
 
 
+# Every logger the publish path writes through (transformers' does not propagate to the root logger).
+LOGGERS = ("", "huggingface_hub", "transformers", "moe_vlm", "httpx", "httpx2", "httpcore")
+
+
 @pytest.fixture
-def mock_hub(monkeypatch, tmp_path):
+def mock_hub(monkeypatch, tmp_path, caplog):
     """Routes huggingface_hub's HTTP client to a MockHub; HF_TOKEN set; Xet off so large files take the LFS path,
-    whose storage requests go through the same client (hf_xet's own Rust client cannot be mocked)."""
+    whose storage requests go through the same client (hf_xet's own Rust client cannot be mocked). Every log record
+    of `LOGGERS`, at DEBUG, lands in `hub.log` (the token must not be in it either); `hub.root` is the test's folder,
+    everything under which the token must be absent from."""
     hub = MockHub()
+    hub.log, hub.root = caplog, tmp_path
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub.handle)))
+    levels = {}
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        levels[name] = logger.level
+        logger.setLevel(logging.DEBUG)
+        if name:
+            logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.DEBUG)
     yield hub
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(levels[name])
+        if name:
+            logging.getLogger(name).removeHandler(caplog.handler)
     huggingface_hub.set_client_factory(default_client_factory)
     huggingface_hub.close_session()
 
@@ -418,11 +438,14 @@ def test_card_validates_through_the_hub_api(dry_run, mock_hub):
         broken.validate()
 
 
-def _token_absent(*texts: str, folder: Path) -> None:
-    for text in texts:
+def _token_absent(*texts: str, hub: MockHub) -> None:
+    """The token is in none of `texts` (the command's stdout and stderr), none of the log records written while it
+    ran, and no file under the test's folder (the staged folder and anything else the command wrote there)."""
+    assert hub.log.records, "no log record was captured: the check of the logs would see nothing"
+    for text in (*texts, hub.log.text, *(str(r.args) for r in hub.log.records)):
         assert TOKEN not in text
-    for name in listed_files(folder):
-        assert TOKEN.encode() not in (folder / name).read_bytes(), name
+    for name in listed_files(hub.root):
+        assert TOKEN.encode() not in (hub.root / name).read_bytes(), name
 
 
 def test_upload_commits_exactly_the_dry_run_files(run_dir, dry_run, mock_hub, tmp_path):
@@ -464,7 +487,7 @@ def test_upload_commits_exactly_the_dry_run_files(run_dir, dry_run, mock_hub, tm
     assert {n for n, i in committed.items() if i["key"] == "lfsFile"} == {
         n for n in digests if n.endswith((".safetensors", ".png"))
     }
-    _token_absent(out, err, folder=folder)
+    _token_absent(out, err, hub=mock_hub)
 
 
 def test_failed_commit_says_what_was_uploaded_and_keeps_the_folder(run_dir, mock_hub, tmp_path):
@@ -487,7 +510,7 @@ def test_failed_commit_says_what_was_uploaded_and_keeps_the_folder(run_dir, mock
     assert f"The staged folder is intact: {folder}" in err
     assert set(listed_files(folder)) == EXPECTED_FILES
     assert _digests(folder)["model.safetensors"] == _digests(run_dir / "dry")["model.safetensors"]
-    _token_absent(out, err, folder=folder)
+    _token_absent(out, err, hub=mock_hub)
 
 
 # ----- refusals ----------------------------------------------------------------------------------------------------
@@ -615,7 +638,7 @@ def test_space_upload_commits_exactly_the_dry_run_files(space_dry_run, mock_hub,
     assert {n for n, i in committed.items() if i["key"] == "lfsFile"} == {
         n for n in digests if n.endswith(".png")
     }
-    _token_absent(out, err, folder=folder)
+    _token_absent(out, err, hub=mock_hub)
 
 
 def test_space_failed_commit_says_what_was_uploaded_and_keeps_the_folder(mock_hub, tmp_path):
@@ -632,7 +655,7 @@ def test_space_failed_commit_says_what_was_uploaded_and_keeps_the_folder(mock_hu
     assert f"({len(pngs)}): {', '.join(pngs)}." in uploaded
     assert all(name in not_uploaded for name in SPACE_FILES - set(pngs))
     assert f"The staged folder is intact: {folder}" in err and set(listed_files(folder)) == SPACE_FILES
-    _token_absent(out, err, folder=folder)
+    _token_absent(out, err, hub=mock_hub)
 
 
 def test_space_refusals_are_one_clear_line(run_dir, tmp_path):

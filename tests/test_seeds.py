@@ -359,3 +359,32 @@ def test_a_changed_recipe_builds_anew_but_a_started_run_keeps_its_pretraining(
     assert _cli("--seed", "0", "--out", str(tmp_path / "new")) == 0
     assert len(recorder.trained("pretrain")) == 2
     assert (tmp_path / "new" / "pretrain").resolve() != first
+
+
+def test_the_report_records_the_seed_and_package_versions(tmp_path, recorder):
+    """What a rerun must match to give the same numbers: the seed(s) and the versions, in report.json and shown in
+    report.html (one seed's report and the report across seeds)."""
+    from importlib.metadata import version
+    from platform import python_version
+
+    from pipeline.report import _html
+
+    assert _cli("--seed", "3", "--out", str(tmp_path / "one")) == 0
+    report = json.loads((tmp_path / "one" / REPORT_JSON).read_text())
+    assert report["seed"] == 3
+    versions = report["versions"]
+    assert versions["python"] == python_version()
+    for name in ("torch", "transformers", "datasets", "accelerate", "numpy", "safetensors"):
+        assert versions[name] == version(name)
+    page = _html({**report, "invariants": [], "table": [], "comparison_with_paper": []}, tmp_path / "one")
+    assert (
+        "<h2>Ran with</h2>" in page
+        and f"<td>torch</td><td style='text-align:left'>{versions['torch']}" in page
+    )
+    assert "<td>seed</td><td style='text-align:left'>3</td>" in page
+
+    assert _cli("--seeds", "0", "1", "--out", str(tmp_path / "two")) == 0
+    aggregate = json.loads((tmp_path / "two" / REPORT_JSON).read_text())
+    assert aggregate["versions"] == versions and aggregate["seeds"] == [0, 1]
+    page = (tmp_path / "two" / REPORT_HTML).read_text()
+    assert "<td>seeds</td><td style='text-align:left'>0, 1</td>" in page and versions["transformers"] in page

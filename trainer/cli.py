@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from .safe_loading import ALLOW_PICKLE_HELP
+
 # = recipes.STAGES, repeated so that `moe-vlm --help` does not import transformers.
 STAGE_CHOICES = ("pretrain", "0", "1", "2", "2.5", "3", "dense")
 
@@ -49,7 +51,14 @@ def _cmd_train(args) -> None:
 def _cmd_init(args) -> None:
     from .upcycle import init_model
 
-    out = init_model(args.out, preset=args.preset, mistral=args.mistral, vision=args.vision, seed=args.seed)
+    out = init_model(
+        args.out,
+        preset=args.preset,
+        mistral=args.mistral,
+        vision=args.vision,
+        seed=args.seed,
+        allow_pickle=args.allow_pickle,
+    )
     print(f"wrote an upcycled {args.preset} model to {out}")
 
 
@@ -64,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--vision", default=None, help="open_clip NAME:TAG or a CLIP checkpoint file (default: preset's)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-pickle", "--allow_pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser(
@@ -71,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run one training stage (pretrain, 0 upcycle, 1 connector, 2 experts, 2.5 routers, 3 unified, dense)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        # No prefix matching: `--prof` or `--st` are not `--profile` / `--stage`; a recipe field given in part is
+        # passed on whole, and refused by the recipe parser naming it.
+        allow_abbrev=False,
     )
     p.add_argument("--stage", choices=STAGE_CHOICES, help="the stage to run")
     p.add_argument("--out", help="output directory of this stage")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
@@ -25,6 +26,8 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from configuration.contract import RECIPE_FILE
+
+from .safe_loading import ALLOW_PICKLE_HELP
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -66,6 +69,10 @@ class StageArguments:
     vision: str | None = field(
         default=None,
         metadata={"help": "Stage 0: open_clip NAME:TAG or CLIP checkpoint file (default: from `--from`)"},
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": ALLOW_PICKLE_HELP},
     )
     dataset: str = field(
         default="shapes",
@@ -356,6 +363,21 @@ def load_recipe_file(path: Path | Traversable) -> dict:
     return values
 
 
+def check_known_overrides(unknown: list[str], parser: HfArgumentParser) -> None:
+    """Refuse command-line words no recipe field takes, naming them (and the field meant, when one is close)."""
+    if not unknown:
+        return
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    named = []
+    for word in unknown:
+        close = difflib.get_close_matches(word, options, n=1) if word.startswith("--") else []
+        named.append(f"{word} (did you mean {close[0]}?)" if close else word)
+    raise ValueError(
+        f"unknown recipe field(s) or stray value(s): {', '.join(named)}; `moe-vlm train --stage STAGE "
+        "--help-recipe` lists the fields"
+    )
+
+
 @cache
 def _embedded_recipe(stage: str) -> dict:
     return load_recipe_file(recipe_path(stage))
@@ -368,7 +390,8 @@ def embedded_recipe(stage: str) -> dict:
 
 def build_parser(stage: str | None = None, recipe: str | None = None) -> HfArgumentParser:
     """The parser of every recipe field; with `stage`, its defaults are that stage's recipe (what `--help` shows)."""
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    # No prefix matching: a misspelt or shortened field (`--learning_rat`) is an unknown field, not another one.
+    parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
     if stage is not None:
         parser.set_defaults(**load_recipe_file(recipe_path(stage, recipe)))
     return parser
@@ -394,7 +417,8 @@ def parse_recipe(
     # Each field's value when neither the recipe nor the command line gives it, as argparse returns it.
     declared = vars(parser.parse_known_args(args=[])[0])
     parser.set_defaults(**values)
-    raw, _ = parser.parse_known_args(args=list(overrides))
+    raw, unknown = parser.parse_known_args(args=list(overrides))
+    check_known_overrides(unknown, parser)
     stage_args, pretrain_args, training_args = parser.parse_args_into_dataclasses(args=list(overrides))
     if stage_args.stage != stage:
         raise ValueError(f"--stage {stage} was given, but the overrides set stage {stage_args.stage}")

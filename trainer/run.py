@@ -21,6 +21,7 @@ from .data import MoeVlmCollator
 from .dense import to_dense
 from .freezing import changed_params_check, fingerprints
 from .recipes import Recipe, StageArguments, write_resolved_recipe
+from .safe_loading import from_pretrained_checked
 from .stage_data import data_summary, load_split
 from .stage_dirs import COMPLETION_MARKER, check_start, clear_marker, remove_checkpoints, write_marker
 from .stages import STAGE_TRAINERS
@@ -65,7 +66,14 @@ def run_upcycling(recipe: Recipe) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     clear_marker(out)
     write_resolved_recipe(recipe, out)
-    init_model(out, preset=args.preset, mistral=mistral, vision=vision, seed=training.seed)
+    init_model(
+        out,
+        preset=args.preset,
+        mistral=mistral,
+        vision=vision,
+        seed=training.seed,
+        allow_pickle=args.allow_pickle,
+    )
     # init_model wrote its marker last; add where the weights came from and rewrite it (still the last write).
     marker = json.loads((out / COMPLETION_MARKER).read_text())
     marker.update({"from": args.model_name_or_path, "seconds": round(time.perf_counter() - started, 1)})
@@ -74,10 +82,21 @@ def run_upcycling(recipe: Recipe) -> Path:
 
 
 def load_model(args: StageArguments):
+    """The previous stage's model: safetensors only unless `--allow_pickle`, refused when its config does not match
+    its weights (`trainer.safe_loading`)."""
     kwargs = {"trust_remote_code": True, "dtype": getattr(torch, args.model_dtype)}
     if args.experts_implementation is not None:
         kwargs["experts_implementation"] = args.experts_implementation
-    return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+    return from_pretrained_checked(
+        AutoModelForCausalLM, args.model_name_or_path, allow_pickle=args.allow_pickle, **kwargs
+    )
+
+
+def check_recipe_fits(args: StageArguments, config) -> None:
+    """Refuse recipe values the loaded model cannot take, before anything is written: a router mode it does not
+    know (or cannot route with its `num_experts_per_tok`)."""
+    if args.router_mode is not None and config.moe_layers:
+        config.check_router_mode(args.router_mode)
 
 
 def _resume_argument(value: str | None):
@@ -97,12 +116,13 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
     out = Path(training.output_dir)
     check_start(stage, args.model_name_or_path, out)
     started = time.perf_counter()
+    set_seed(training.seed)
+    # Loaded and checked before the output directory is touched: a bad checkpoint or recipe writes nothing.
+    model = load_model(args)
+    check_recipe_fits(args, model.config)
     if training.process_index == 0:
         out.mkdir(parents=True, exist_ok=True)
         clear_marker(out)
-    set_seed(training.seed)
-
-    model = load_model(args)
     if stage == "dense":
         model = to_dense(model, args.dense_expert)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
@@ -173,4 +193,4 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
     return out
 
 
-__all__ = ["load_model", "run", "run_training_stage", "run_upcycling"]
+__all__ = ["check_recipe_fits", "load_model", "run", "run_training_stage", "run_upcycling"]

@@ -14,15 +14,18 @@ from configuration.presets import load_preset
 from configuration.tokenizer import build_processor
 from modeling_moe_vlm import MoeVlmForCausalLM
 
+from .safe_loading import from_pretrained_checked, load_pickled_weights
 
-def load_vision_state(path: str) -> dict[str, torch.Tensor]:
-    """A vision tower state dict from an open_clip checkpoint file (a whole CLIP's `visual.*` keys or bare)."""
+
+def load_vision_state(path: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A vision tower state dict from an open_clip checkpoint file (a whole CLIP's `visual.*` keys or bare); a
+    pickle (open_clip's `.pt`) only with `allow_pickle` (`trainer.safe_loading`)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_pickled_weights(path, allow_pickle)
         state = state.get("state_dict", state)
     visual = {k.removeprefix("module.")[len("visual.") :]: v for k, v in state.items() if "visual." in k}
     return visual or state
@@ -35,13 +38,15 @@ def init_model(
     vision=None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
     **overrides,
 ) -> Path:
     """Build the dense Mistral (random for `tiny` unless `mistral` is given), upcycle it with
     `MoeVlmForCausalLM.from_mistral`, save model + processor to `out`, and write the completion marker last.
 
     `vision`: open_clip `NAME:TAG`, a checkpoint file path, an open_clip model, or None (the preset's default:
-    random inline tower for `tiny`, `ViT-L-14:openai` for `paper`)."""
+    random inline tower for `tiny`, `ViT-L-14:openai` for `paper`). Weights files are read as safetensors only unless
+    `allow_pickle` (`trainer.safe_loading`)."""
     spec = load_preset(preset)
     out = Path(out)
     mistral = mistral if mistral is not None else spec.get("mistral")
@@ -49,13 +54,15 @@ def init_model(
     if mistral is None:
         dense = MistralForCausalLM(MistralConfig(**spec["mistral_config"]))
     elif isinstance(mistral, (str, Path)):
-        dense = MistralForCausalLM.from_pretrained(str(mistral), dtype=dtype or torch.float32)
+        dense = from_pretrained_checked(
+            MistralForCausalLM, mistral, allow_pickle=allow_pickle, dtype=dtype or torch.float32
+        )
     else:
         dense = mistral
     vision = vision if vision is not None else spec.get("vision")
     fields = {**spec["moe_vlm"], **overrides}
     if isinstance(vision, (str, Path)) and Path(vision).is_file():
-        vision = load_vision_state(str(vision))
+        vision = load_vision_state(str(vision), allow_pickle)
     elif isinstance(vision, str):
         fields.pop("vision_config", None)  # from_mistral describes the named open_clip tower itself
     model = MoeVlmForCausalLM.from_mistral(dense, vision=vision, seed=seed, dtype=dtype, **fields)
