@@ -110,6 +110,22 @@ def test_a_non_finite_activation_is_traced_to_the_first_module_that_produced_it(
     assert_last_good_checkpoint_kept(out)
 
 
+def test_an_update_that_overflows_the_weights_is_caught_before_its_checkpoint(chain):
+    """A learning rate of 1e39 is infinite in float32: the first update makes the attention and expert weights
+    non-finite (the routers have their own rate); the check before the save stops the stage without writing it."""
+    shapes, stage0, root = chain
+    out = root / "update"
+    with pytest.raises(TrainingDivergedError) as caught:
+        train(
+            "3", out, stage0, stage3_args(shapes, steps=3, learning_rate=1e39, lr_scheduler_type="constant")
+        )
+    message = str(caught.value)
+    assert "diverged at step 1: a weight is non-finite after the update; non-finite weights in" in message
+    assert "layer 0 attention" in message and "layer 1 expert 0" in message and "router" not in message
+    assert "Its checkpoint was not written; no checkpoint had been saved yet" in message
+    assert not list(out.glob("checkpoint-*")) and not (out / COMPLETION_MARKER).exists()
+
+
 def test_parts_are_named_in_model_terms():
     assert part_of("model.layers.3.mlp.gate.weight") == "layer 3 router"
     assert part_of("_fsdp_wrapped_module.model.layers.0.self_attn.q_proj.weight") == "layer 0 attention"

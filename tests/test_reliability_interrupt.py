@@ -119,7 +119,14 @@ def test_a_stage_killed_twice_with_sigkill_resumes_to_the_same_weights_and_logs(
 
     second = start(command(out, *resume), tmp_path / "second.log")
     staging = out / CHECKPOINT_STAGING
-    kill_when(second, lambda: any(staging.glob("checkpoint-*/*")), tmp_path / "second.log")
+
+    def saving() -> (
+        bool
+    ):  # a checkpoint is being written: in the staging folder (or, were saves not atomic, in place)
+        in_place = [c for c in out.glob("checkpoint-*") if not (c / STATE).is_file()]
+        return any(staging.glob("checkpoint-*/*")) or bool(in_place)
+
+    kill_when(second, saving, tmp_path / "second.log")
     assert_every_checkpoint_is_whole(out)  # the checkpoint being saved is only in the staging folder
     half_written = [p.name for p in staging.glob("checkpoint-*")]
     assert half_written and all(not (staging / name / STATE).is_file() for name in half_written)
@@ -197,6 +204,34 @@ def test_rotation_and_the_best_checkpoint_see_the_renamed_folders(chain):
         assert json.loads(state_file.read_text())["best_model_checkpoint"] == str(out / "checkpoint-1")
 
 
+def test_a_checkpoint_is_deleted_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Rotation and the end-of-stage cleanup delete checkpoints; a kill in the middle of a deletion must not leave a
+    half-deleted `checkpoint-N` for `--resume_from_checkpoint true` to pick."""
+    from trainer import stage_dirs
+
+    for step in (1, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in ("model.safetensors", "optimizer.pt", STATE):
+            (tmp_path / f"checkpoint-{step}" / name).write_text("x")
+    rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        files = sorted(Path(path).glob("*"))
+        if files:
+            files[0].unlink()  # part of the folder is gone when the kill comes
+            raise _Killed
+        rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(stage_dirs.shutil, "rmtree", killed_midway)
+    with pytest.raises(_Killed):
+        stage_dirs.discard_checkpoint(tmp_path / "checkpoint-1")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    stage_dirs.remove_checkpoints(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_torn_last_log_line_is_dropped_and_a_damaged_earlier_one_is_named(tmp_path):
     log = tmp_path / "routing_stats.jsonl"
     rows = [{"step": s, "layers": {"0": [s]}} for s in (1, 2, 3)]
@@ -230,18 +265,19 @@ def test_an_interrupted_atomic_write_leaves_the_old_file(tmp_path, monkeypatch):
 ABLATE = """
 import json, sys
 from pipeline import ablate
-out, shapes = sys.argv[1], sys.argv[2]
+out, shapes, variants = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 budget = {"dataset": shapes, "max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1,
           "save_strategy": "steps", "save_steps": 1, "warmup_steps": 0, "routing_probe_samples": 4}
-ablate.ablate(out, ["baseline", "aux_free"], [0], jobs=1, n_samples=4, n_eval=4, overrides=budget, data_dir=shapes,
+ablate.ablate(out, variants, [0], jobs=1, n_samples=4, n_eval=4, overrides=budget, data_dir=shapes,
               n_instruction=1)
 """
 
 
 def test_ablate_killed_after_its_first_cell_reruns_only_the_rest_and_writes_the_same_table(chain, tmp_path):
     """`ablate` over two variants, one cell at a time, killed (SIGKILL to its process group: the command and its
-    worker) once the first cell is complete; the rerun keeps that cell as it was (not retrained), runs the other
-    and writes the table an uninterrupted run writes, alongside."""
+    worker) once the first cell (baseline) is complete, while the second (aux_free) runs; the rerun keeps the first
+    cell as it was (not run again: its files untouched) and writes the second as a run of it alone, never
+    interrupted, writes it (alongside, to save time: the costly part of the test is the cells' analyses)."""
     from pipeline.ablate import CELL_MARKER, TABLE_JSON, cell_dir
 
     shapes, stage0, root = chain
@@ -251,40 +287,42 @@ def test_ablate_killed_after_its_first_cell_reruns_only_the_rest_and_writes_the_
     train("1", seed_dir / "stage1", stage0, quick_args(shapes, steps=2))
     train("2", seed_dir / "stage2", seed_dir / "stage1", quick_args(shapes, steps=2))
     shutil.copytree(stage0, seed_dir / "stage0")
-
     runs = {name: tmp_path / name for name in ("whole", "killed")}
     for run in runs.values():
-        shutil.copytree(seed_dir.parent, run, symlinks=True)
-    env = {CACHE_ENV: str(tmp_path / "cache")}
-    argv = [sys.executable, "-c", ABLATE]
+        shutil.copytree(seed_dir.parent, run)
     started = time.monotonic()
 
-    def launch(name, log):
+    def launch(name, variants, log):
         with log.open("w") as f:
             return subprocess.Popen(
-                [*argv, str(runs[name]), str(shapes)],
+                [sys.executable, "-c", ABLATE, str(runs[name]), str(shapes), ",".join(variants)],
                 cwd=REPO,
-                env=environment(**env),
+                env=environment(**{CACHE_ENV: str(tmp_path / "cache")}),
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: the kill takes the cell worker too
             )
 
-    uninterrupted = launch("whole", tmp_path / "whole.log")
-    killed = launch("killed", tmp_path / "killed.log")
+    uninterrupted = launch("whole", ["aux_free"], tmp_path / "whole.log")
+    killed = launch("killed", ["baseline", "aux_free"], tmp_path / "killed.log")
     cells = runs["killed"] / "seed0" / "ablations"
     kill_when(killed, lambda: any(cells.glob(f"*/{CELL_MARKER}")), tmp_path / "killed.log", group=True)
-    (done,) = [p.parent.name for p in cells.glob(f"*/{CELL_MARKER}")]
-    kept = cell_dir(runs["killed"] / "seed0", done)
+    assert [p.parent.name for p in cells.glob(f"*/{CELL_MARKER}")] == ["baseline"]
+    kept = cell_dir(runs["killed"] / "seed0", "baseline")
+    written = json.loads((kept / CELL_MARKER).read_text())
     before = {p: p.stat().st_mtime_ns for p in (kept / CELL_MARKER, kept / "stage3" / "model.safetensors")}
-    rerun = launch("killed", tmp_path / "rerun.log")
+    rerun = launch("killed", ["baseline", "aux_free"], tmp_path / "rerun.log")
     finish(rerun, tmp_path / "rerun.log", timeout=600)
     finish(uninterrupted, tmp_path / "whole.log", timeout=600)
     seconds = time.monotonic() - started
 
-    assert "1 complete, 1 to run" in (tmp_path / "rerun.log").read_text()
+    assert "2 cells (2 variants x 1 seeds): 1 complete, 1 to run" in (tmp_path / "rerun.log").read_text()
     assert {p: p.stat().st_mtime_ns for p in before} == before  # the complete cell was not run again
     tables = {name: json.loads((run / TABLE_JSON).read_text()) for name, run in runs.items()}
     rows = {name: {r["variant"]: r["metrics"] for r in table["rows"]} for name, table in tables.items()}
-    assert rows["killed"] == rows["whole"] and set(rows["whole"]) == {"baseline", "aux_free"}
-    print(f"ablate killed after cell {done!r}; {seconds:.1f} s for all runs")
+    assert rows["killed"]["aux_free"] == rows["whole"]["aux_free"]
+    assert {k: v["values"] for k, v in rows["killed"]["baseline"].items()} == {
+        k: {"0": v} for k, v in written["metrics"].items()
+    }
+    spent = {c.parent.name: json.loads(c.read_text())["seconds"] for c in cells.glob(f"*/{CELL_MARKER}")}
+    print(f"ablate killed after cell 'baseline'; {seconds:.1f} s for all runs; cell steps (s): {spent}")
