@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from configuration.atomic import write_atomic
 from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, PROBE_CHOICES_FILE, ROUTING_LOG_FILE
 from trainer.routing_stats import read_routing_log
 
@@ -404,7 +405,7 @@ def analyze(
         result["figures"].append(saturation_figure)
     result["seconds"] = time.time() - started
     result = _jsonable(result)
-    (out_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))
+    write_atomic(out_dir / ANALYSIS_FILE, json.dumps(result, indent=1))  # last: its presence means done
     return result
 
 
@@ -516,8 +517,8 @@ def evaluate(
             "seconds": time.time() - started,
         }
     )
-    (out_dir / CAPTIONING_FILE).write_text(json.dumps(result, indent=1))
-    (out_dir / "captions.json").write_text(
+    write_atomic(
+        out_dir / "captions.json",
         json.dumps(
             {
                 i: {
@@ -528,6 +529,7 @@ def evaluate(
                 for i in references
             },
             indent=1,
-        )
+        ),
     )
+    write_atomic(out_dir / CAPTIONING_FILE, json.dumps(result, indent=1))  # last: its presence means done
     return result

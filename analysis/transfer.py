@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from configuration.atomic import write_atomic
 from configuration.contract import TRANSFER_FILE
 
 
@@ -73,7 +74,7 @@ def analyze_transfer(
     result = _jsonable(result)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TRANSFER_FILE).write_text(json.dumps(result, indent=1))
+    write_atomic(out_dir / TRANSFER_FILE, json.dumps(result, indent=1))
     return result
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from configuration.atomic import write_atomic
 from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, COMPLETION_MARKER, TRANSFER_FILE
 
 from .seeds import interval, seed_dir_name
@@ -153,14 +154,8 @@ def write_variant_recipe(variant: Variant, path: Path, overrides: dict | None = 
 
     recipe = {**embedded_recipe("3"), **variant.stage3, **(overrides or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, yaml.safe_dump(recipe, sort_keys=False))
+    write_atomic(path, yaml.safe_dump(recipe, sort_keys=False))
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 # ----- one seed's chain, one cell --------------------------------------------------------------------------------
@@ -263,7 +258,7 @@ def run_cell(
         "stage3_recipe": variant.stage3,
         "overrides": overrides or {},
     }
-    _write_atomic(cell / CELL_MARKER, json.dumps(result, indent=1))
+    write_atomic(cell / CELL_MARKER, json.dumps(result, indent=1))
     return result
 
 
@@ -417,7 +412,7 @@ def ablate(
     history = json.loads(timings_file.read_text()) if timings_file.is_file() else []
     if pending or any(trained):  # an invocation that only rewrites the table adds no time
         history.append(invocation)
-        _write_atomic(timings_file, json.dumps(history, indent=1))
+        write_atomic(timings_file, json.dumps(history, indent=1))
     timings = {"invocations": history, "total_seconds": round(sum(i["seconds"] for i in history), 1)}
     table = build_table(chosen, seeds, cells, timings, overrides)
     for row in table["rows"]:
@@ -563,5 +558,5 @@ def write_table(out: Path, table: dict) -> None:
         path = figures_dir / f"{column['key']}.png"
         plot_ablation_metric(points, path, title=f"{column['heading']}: {column['meaning']}")
         table["figures"].append(str(path.relative_to(out)))
-    _write_atomic(out / TABLE_JSON, json.dumps(table, indent=1))
-    _write_atomic(out / TABLE_MD, to_markdown(table))
+    write_atomic(out / TABLE_JSON, json.dumps(table, indent=1))
+    write_atomic(out / TABLE_MD, to_markdown(table))

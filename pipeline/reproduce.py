@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from configuration.atomic import write_atomic
 from configuration.contract import (
     ANALYSIS_FILE,
     CAPTIONING_FILE,
@@ -181,12 +182,12 @@ def run_seed(
         t0 = time.time()
         func()
         timings[step] = round(time.time() - t0, 1)
-        timings_file.write_text(json.dumps(timings, indent=1))
+        write_atomic(timings_file, json.dumps(timings, indent=1))
 
     pretrain_info = pretraining.attach(run_dir)
     if own_pretraining and pretraining.seconds is not None:
         timings[f"train {PRETRAIN}"] = pretraining.seconds
-        timings_file.write_text(json.dumps(timings, indent=1))
+        write_atomic(timings_file, json.dumps(timings, indent=1))
     for name, stage, source in TRAINING_STEPS:
         timed(
             f"train {name}",
@@ -273,7 +274,7 @@ def reproduce_seeds(
         if pretraining.seconds is not None:
             timings[f"train {PRETRAIN} (shared)"] = pretraining.seconds
         timings[seed_dir_name(seed)] = reports[seed].get("seconds_all_steps")
-        timings_file.write_text(json.dumps(timings, indent=1))
+        write_atomic(timings_file, json.dumps(timings, indent=1))
     extra = {
         **provenance(),  # machine and package versions
         "pretraining": reports[seeds[0]].get("pretraining"),

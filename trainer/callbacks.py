@@ -10,21 +10,21 @@ from pathlib import Path
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
+from configuration.atomic import write_atomic
 from configuration.contract import PROBE_CHOICES_FILE, ROUTING_LOG_FILE
 
-from .routing_stats import PREFIX, PROBE_PREFIX, unflatten
+from .routing_stats import PREFIX, PROBE_PREFIX, read_log_lines, unflatten
 
 
 def _keep_lines_up_to(path: Path, step: int) -> None:
     """Resume rule of the per-step logs: a fresh run (step 0) starts a fresh file; a resumed one keeps the lines up
     to its checkpoint's step and drops later ones (the interrupted run logged them after the checkpoint, and they
-    will be logged again)."""
+    will be logged again), and a torn last line (`read_log_lines`). Rewritten atomically: a kill during the rewrite
+    leaves the old file."""
     if not path.exists():
         return
-    kept = []
-    if step > 0:
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_log_lines(path) if record["step"] <= step] if step > 0 else []
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 class RoutingStatsCallback(TrainerCallback):

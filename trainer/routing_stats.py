@@ -19,6 +19,7 @@ says what was dispatched, the probe says what the routers themselves decide.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import torch
 from configuration.contract import LOAD_GROUPS, ROUTING_LOG_FILE
 
 from .load_stats import group_stats
+
+logger = logging.getLogger("moe_vlm.trainer")
 
 PREFIX = "routing"
 PROBE_PREFIX = "routing_probe"
@@ -227,6 +230,31 @@ def unflatten(logs: dict, prefix: str = PREFIX) -> dict:
     return {k: layers[k] for k in sorted(layers, key=int)}
 
 
+def read_log_lines(path: Path) -> list[dict]:
+    """The records of a per-step JSON-lines log. A last line that does not parse is dropped: a process killed while
+    appending it leaves it torn, and its step is after the last checkpoint (a log line is written before the
+    checkpoint of its step), so the resumed run writes it again. A line before the last that does not parse is
+    damage no kill explains: a ValueError naming the file and the line."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                logger.warning(
+                    "%s: dropped its torn last line %d (an interrupted write): %s", path, number, error
+                )
+                break
+            raise ValueError(
+                f"{path}, line {number}: not a JSON record ({error}); only the last line can be torn by a kill. "
+                "Delete the file's lines from there (or the file) to resume"
+            ) from None
+    return records
+
+
 def read_routing_log(source: str | Path | Sequence[Mapping]) -> list[dict]:
     """The records of a routing log, sorted by step: from a stage directory, a `routing_stats.jsonl` path, or
     records already read (returned sorted). The format is the one `trainer.callbacks.RoutingStatsCallback` writes
@@ -236,7 +264,7 @@ def read_routing_log(source: str | Path | Sequence[Mapping]) -> list[dict]:
         path = path / ROUTING_LOG_FILE if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"no routing log at {path}")
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_log_lines(path)
     else:
         records = [dict(r) for r in source]
     return sorted(records, key=lambda r: r["step"])
@@ -249,6 +277,7 @@ __all__ = [
     "RoutingAccumulator",
     "RoutingProbe",
     "flatten",
+    "read_log_lines",
     "read_routing_log",
     "unflatten",
 ]

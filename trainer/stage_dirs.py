@@ -1,13 +1,27 @@
 """Stage output directories: the completion marker (`moe_vlm_stage.json`, written last) and the checks that a stage
-starts from a finished directory holding the right kind of model."""
+starts from a finished directory holding the right kind of model.
+
+What makes a directory complete: a stage trains in place, under its final name (its checkpoints and logs live
+there, so a killed run resumes in it), and the marker alone says it finished. The marker is removed when a run
+starts and written last, atomically (`configuration.atomic.write_atomic`), after the model, the processor, the logs
+and the recipe; every reader that needs a finished stage checks for it (`read_marker`, `check_start`, the
+reproduction's and the ablations' skip rules, the Space's model picker), so a directory killed at any point is never
+taken for a finished one.
+
+Checkpoints are written atomically too (`stages.MoeVlmStageTrainer._save_checkpoint`): into
+`CHECKPOINT_STAGING/checkpoint-N`, then renamed to `checkpoint-N`, so a `checkpoint-*` folder is always whole and
+`--resume_from_checkpoint true` never picks a half-written one.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
+from configuration.atomic import write_atomic
 from configuration.contract import COMPLETION_MARKER
 
 logger = logging.getLogger("moe_vlm.trainer")
@@ -23,6 +37,9 @@ PREVIOUS: dict[str, tuple[str, ...]] = {
     "dense": ("1",),
 }
 NEEDS_EXPERTS = ("2", "2.5", "3")
+# Where a checkpoint is written before it is renamed to `checkpoint-N` beside it: outside transformers'
+# `checkpoint-*` pattern (rotation, `get_last_checkpoint`), and skipped by a Hub upload of the folder (`_*`).
+CHECKPOINT_STAGING = "_checkpoint-staging"
 
 
 def _first_command(stage: str) -> str:
@@ -48,10 +65,8 @@ def read_marker(directory: str | Path, for_stage: str) -> dict:
 
 
 def write_marker(directory: str | Path, record: dict) -> Path:
-    """Write the marker; call it last, after everything else the stage writes."""
-    path = Path(directory) / COMPLETION_MARKER
-    path.write_text(json.dumps(record, indent=2))
-    return path
+    """Write the marker, atomically; call it last, after everything else the stage writes."""
+    return write_atomic(Path(directory) / COMPLETION_MARKER, json.dumps(record, indent=2))
 
 
 def clear_marker(directory: str | Path) -> None:
@@ -59,11 +74,28 @@ def clear_marker(directory: str | Path) -> None:
     (Path(directory) / COMPLETION_MARKER).unlink(missing_ok=True)
 
 
+def discard_checkpoint(checkpoint: str | Path) -> None:
+    """Delete a `checkpoint-N` folder without ever leaving part of it under its name: moved into
+    `CHECKPOINT_STAGING` beside it first (one rename), deleted there. A kill during the deletion leaves the rest in
+    the staging folder, which the next save or `remove_checkpoints` clears."""
+    checkpoint = Path(checkpoint)
+    trash = checkpoint.parent / CHECKPOINT_STAGING / f"discarded-{checkpoint.name}"
+    trash.parent.mkdir(exist_ok=True)
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    if not any(trash.parent.iterdir()):
+        trash.parent.rmdir()
+
+
 def remove_checkpoints(directory: str | Path) -> None:
     """Delete the `checkpoint-*` folders of a finished run: they only serve to resume it, and would otherwise be
-    published and analysed along with the stage (optimizer states are twice the model's size)."""
+    published and analysed along with the stage (optimizer states are twice the model's size). Each goes whole
+    (`discard_checkpoint`: a kill here leaves whole checkpoints to resume from), then the staging folder, with any
+    checkpoint a kill left half-written in it."""
     for checkpoint in Path(directory).glob("checkpoint-*"):
-        shutil.rmtree(checkpoint)
+        discard_checkpoint(checkpoint)
+    shutil.rmtree(Path(directory) / CHECKPOINT_STAGING, ignore_errors=True)
 
 
 def check_start(stage: str, from_dir: str | Path | None, out: str | Path) -> dict:
@@ -115,10 +147,12 @@ def check_start(stage: str, from_dir: str | Path | None, out: str | Path) -> dic
 
 
 __all__ = [
+    "CHECKPOINT_STAGING",
     "COMPLETION_MARKER",
     "PREVIOUS",
     "check_start",
     "clear_marker",
+    "discard_checkpoint",
     "read_marker",
     "remove_checkpoints",
     "write_marker",

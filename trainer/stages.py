@@ -6,17 +6,26 @@ a stage Trainer configures the model accordingly (freezing, router mode, Gumbel 
 coefficients, router dropout). A stage class adds only what the recipe cannot say: its hooks. The shared base
 overrides only `compute_loss` (to request the router outputs, accumulate routing statistics and scale the loss
 explicitly), `log` (to add the statistics, reduced across processes, as TRL adds its metrics, and the eval-mode
-routing probe's) and `create_optimizer` (to give the routers a learning rate of their own when the recipe sets one).
+routing probe's) and `create_optimizer` (to give the routers a learning rate of their own when the recipe sets one),
+plus two reliability hooks: `_save_checkpoint` writes each checkpoint under a staging name and renames it (a kill never
+leaves a half-written `checkpoint-N`), and `training_step` / `_get_grad_norm` stop the stage on a non-finite loss or
+gradient, naming the step and the layer (`trainer.divergence`).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import shutil
 from collections import defaultdict
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from modeling_moe_vlm.configuration_moe_vlm import ROUTER_LOSSES
 
@@ -28,9 +37,11 @@ from .callbacks import (
     ProbeChoicesCallback,
     RoutingStatsCallback,
 )
+from .divergence import diagnose, non_finite
 from .freezing import apply_trainable
 from .recipes import StageArguments
 from .routing_stats import PROBE_PREFIX, RoutingAccumulator, RoutingProbe, flatten
+from .stage_dirs import CHECKPOINT_STAGING, discard_checkpoint
 
 # A router parameter's name, wherever a wrapper (FSDP, activation checkpointing) inserts a prefix: `...mlp.gate.weight`
 # (`freezing.PARAMETER_GROUPS["router"]` anchors the plain model's names; a dense `mlp.gate_proj` does not match).
@@ -57,6 +68,8 @@ class MoeVlmStageTrainer(Trainer):
         if not stage_args.trainable:
             raise ValueError(f"stage {self.stage}: the recipe names no trainable parameter group")
         self.stage_args = stage_args
+        self._staging_checkpoint = False  # set while `_save_checkpoint` writes under the staging folder
+        self._step_batches: list = []  # the current optimizer step's micro-batches (`training_step`)
         self.configure_model(model, stage_args)
         self.trainable_groups = list(stage_args.trainable)
         self.trainable_params = apply_trainable(model, self.trainable_groups)
@@ -245,6 +258,124 @@ class MoeVlmStageTrainer(Trainer):
             # num_items_in_batch counts every process's tokens and DDP averages gradients over processes.
             lm = lm * self.accelerator.num_processes
         return lm if aux is None else lm + aux / steps
+
+    # ----- divergence -------------------------------------------------------------------------------------------
+    def _diverged(self, cause: str, step: int, **kwargs):
+        return diagnose(
+            self.model, stage=self.stage, step=step, cause=cause, output_dir=self.args.output_dir, **kwargs
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step (forward, backward), then: a non-finite loss stops the stage (`trainer.divergence`),
+        before the optimizer step. One process only: with several, each sees its own loss, and stopping one would
+        leave the others waiting in a collective; the gradient norm (`_get_grad_norm`, reduced across processes)
+        stops them all alike. The step's micro-batches are kept (references to batches the Trainer already holds)
+        until the optimizer step, for `_recompute_gradients`."""
+        self._step_batches.append((inputs, num_items_in_batch))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.num_processes == 1 and not torch.isfinite(loss).all():
+
+            def forward():
+                return model(**self._prepare_inputs(inputs))
+
+            step = self.state.global_step + 1
+            raise self._diverged(f"the loss is {float(loss)}", step, forward=forward)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The gradient norm the Trainer computes every optimizer step (for clipping and the log); a non-finite one
+        stops the stage before the optimizer applies it, naming the parameters (`trainer.divergence`). Clipping by
+        a non-finite norm has already made every gradient non-finite by then, so they are computed again on the
+        step's batches, unclipped, to see which ones were (`_recompute_gradients`)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        batches, self._step_batches = self._step_batches, []
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            step = self.state.global_step + 1
+            raise self._diverged(
+                f"the gradient norm is {float(grad_norm)}",
+                step,
+                gradients=lambda: self._recompute_gradients(batches),
+            )
+        return grad_norm
+
+    def _recompute_gradients(self, batches) -> bool:
+        """Forward and backward again on the failed step's micro-batches, without clipping, so that the gradients
+        say which parameters went non-finite; False (nothing recomputed) with several processes, where a backward
+        is collective and the other processes may be elsewhere."""
+        if self.accelerator.num_processes != 1:
+            return False
+        self.model.zero_grad(set_to_none=True)
+        for inputs, num_items_in_batch in batches:
+            loss = self.compute_loss(
+                self.model, self._prepare_inputs(inputs), num_items_in_batch=num_items_in_batch
+            )
+            loss.backward()
+        return True
+
+    # ----- checkpoints ------------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, CHECKPOINT_STAGING) if self._staging_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written whole or not at all under its final name: transformers writes
+        `checkpoint-N` in place (model, optimizer, scheduler, RNG states, `trainer_state.json` last) and
+        `get_last_checkpoint` takes the highest-numbered folder, so a kill during a save would leave a half-written
+        folder that `--resume_from_checkpoint true` then fails on (or loads). Here the Trainer writes it into
+        `<output_dir>/CHECKPOINT_STAGING/checkpoint-N` (`_get_output_dir` points there while it saves), and the main
+        process renames it to `<output_dir>/checkpoint-N` once every process has written its part.
+
+        Then the parts of the Trainer's save that look at the real folder are redone there: the best checkpoint's
+        path (the Trainer saw the staging folder) and the rotation (`save_total_limit`, each deleted checkpoint moved
+        out of its name first: `_rotate_checkpoints_whole`). The weights are checked
+        first: a non-finite one stops the stage without writing the checkpoint (`trainer.divergence`)."""
+        found = non_finite(self.model.named_parameters(), getattr(self.model.config, "num_experts", None))
+        if found:
+            step = self.state.global_step
+            raise self._diverged("a weight is non-finite after the update", step, applied=True)
+        run_dir = self._get_output_dir(trial)
+        staging_root = os.path.join(run_dir, CHECKPOINT_STAGING)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # a save a kill interrupted
+        self.accelerator.wait_for_everyone()
+        self._staging_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_checkpoint = False
+        self.accelerator.wait_for_everyone()  # every process's shards and RNG state are in `staged`
+        if self.args.push_to_hub:
+            self._finish_current_push()  # an upload of `staged` may still be reading it
+        best = self.state.best_model_checkpoint
+        if best is not None and os.path.dirname(os.path.normpath(best)) == os.path.normpath(staging_root):
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(os.path.normpath(best)))
+        if self.args.should_save:
+            if best != self.state.best_model_checkpoint:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            if os.path.isdir(
+                final
+            ):  # an earlier save of this step (a rerun over old checkpoints): replace it
+                os.replace(final, os.path.join(staging_root, f"{name}.old"))
+            os.replace(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            self._rotate_checkpoints_whole(run_dir)
+        self.accelerator.wait_for_everyone()  # no process goes on before `checkpoint-N` exists
+
+    def _rotate_checkpoints_whole(self, run_dir: str) -> None:
+        """transformers' `rotate_checkpoints` rule (keep `save_total_limit` checkpoints, always the newest and the
+        best, delete the oldest others; its own ordering), deleting each checkpoint whole (`discard_checkpoint`): its
+        `shutil.rmtree` in place would leave a kill a half-deleted `checkpoint-N` to resume from."""
+        limit = self.args.save_total_limit
+        checkpoints = sort_checkpoints(run_dir, use_mtime=True)
+        if limit is None or limit <= 0 or len(checkpoints) <= limit:
+            return
+        best = self.state.best_model_checkpoint
+        protected = {checkpoints[-1], *([str(Path(best))] if best is not None else [])}
+        doomed = [c for c in checkpoints if c not in protected]
+        for checkpoint in doomed[: len(checkpoints) - max(limit, len(protected))]:
+            discard_checkpoint(checkpoint)
 
     # ----- logging ----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

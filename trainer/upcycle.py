@@ -3,18 +3,17 @@ authors' code calls it `create_moe_model`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from configuration.contract import COMPLETION_MARKER
 from configuration.presets import load_preset
 from configuration.tokenizer import build_processor
 from modeling_moe_vlm import MoeVlmForCausalLM
 
 from .safe_loading import from_pretrained_checked, load_pickled_weights
+from .stage_dirs import clear_marker, write_marker
 
 
 def load_vision_state(path: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -68,7 +67,7 @@ def init_model(
     model = MoeVlmForCausalLM.from_mistral(dense, vision=vision, seed=seed, dtype=dtype, **fields)
     processor = build_processor(model.config)
     out.mkdir(parents=True, exist_ok=True)
-    (out / COMPLETION_MARKER).unlink(missing_ok=True)
+    clear_marker(out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     marker = {
@@ -79,5 +78,5 @@ def init_model(
         "mistral": mistral if isinstance(mistral, str) else None,
         "vision": vision if isinstance(vision, str) else ("checkpoint" if vision is not None else None),
     }
-    (out / COMPLETION_MARKER).write_text(json.dumps(marker, indent=2))
+    write_marker(out, marker)
     return out
