@@ -273,7 +273,7 @@ def test_evaluate_reports_both_formats_for_stage_3(tmp_path, monkeypatch, tiny_m
         {"id": f"t{i}", "image": render_scene(random_scene(rng), 32), "references": ["a shape", "one shape"]}
         for i in range(3)
     ]
-    monkeypatch.setattr(run, "load_checkpoint", lambda _: (tiny_model, processor))
+    monkeypatch.setattr(run, "load_checkpoint", lambda *_: (tiny_model, processor))
     monkeypatch.setattr(run, "load_data", lambda *_: {"test": rows})
     result = run.evaluate(model_dir, tmp_path / "out", max_new_tokens=3, meteor=False)
     assert result["training_prompt_format"] == "chat" and result["prompt_format"] == "raw"
