@@ -1,7 +1,8 @@
 """Interruption (issue 15, item 1): a stage killed with SIGKILL (the real process, at a step drawn from a seed) and
 resumed with `--resume_from_checkpoint true` ends with the same weights, bit for bit, and the same routing logs (no
 row duplicated, none missing) as a run never interrupted; a checkpoint is never left half-written under its final
-name; `moe-vlm ablate` killed mid-way and rerun skips the complete cells and writes the same table.
+name; `moe-vlm ablate` killed mid-way and rerun skips the complete cells and writes the same table; `moe-vlm
+reproduce` killed mid-stage (its work stood in) reruns only what was unfinished and writes the same report.
 
 The real kills run `python -m moe_vlm_cli train ...` (the code `moe-vlm train` runs) in subprocesses, one torch thread
 each, so that the uninterrupted run can go alongside and both do the same arithmetic. `MOE_VLM_KILL_SEED` picks
@@ -326,3 +327,87 @@ def test_ablate_killed_after_its_first_cell_reruns_only_the_rest_and_writes_the_
     }
     spent = {c.parent.name: json.loads(c.read_text())["seconds"] for c in cells.glob(f"*/{CELL_MARKER}")}
     print(f"ablate killed after cell 'baseline'; {seconds:.1f} s for all runs; cell steps (s): {spent}")
+
+
+# ----- moe-vlm reproduce killed mid-way ----------------------------------------------------------------------------
+
+# The reproduction's steps with the work stood in (test_seeds.Recorder: each stage writes its marker, each analysis
+# its file, the report the per-seed numbers): what is tested is the skip rule under a real SIGKILL, not training.
+REPRODUCE_SCRIPT = """
+import json, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import analysis.run, pipeline.report
+from pipeline import reproduce
+from test_seeds import Recorder
+from moe_vlm_cli import main
+
+calls, kill_at = Path({calls!r}), {kill_at!r}
+
+class Logged(Recorder):
+    def _log(self, *call):
+        with calls.open("a") as f:
+            f.write(json.dumps([str(c) for c in call]) + "\\n")
+
+    def train(self, out_dir, stage, source, seed, extra=()):
+        self._log("train", stage, seed)
+        if kill_at is not None and [stage, seed] == kill_at:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / "model.safetensors").write_bytes(b"half a model")  # killed mid-stage
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().train(out_dir, stage, source, seed, extra)
+
+    def analyze(self, model_dir, out_dir, **kw):
+        self._log("analyze", Path(model_dir).name, kw.get("seed"))
+        super().analyze(model_dir, out_dir, **kw)
+
+    def evaluate(self, model_dir, out_dir, **kw):
+        self._log("evaluate", Path(model_dir).name, kw.get("seed"))
+        super().evaluate(model_dir, out_dir, **kw)
+
+rec = Logged()
+reproduce._train = rec.train
+analysis.run.analyze, analysis.run.evaluate = rec.analyze, rec.evaluate
+pipeline.report.write_report = rec.write_report
+sys.exit(main(["reproduce", "--seeds", "0", "1", "--out", {out!r}]))
+"""
+
+
+def run_reproduce(out: Path, calls: Path, kill_at) -> subprocess.CompletedProcess:
+    script = REPRODUCE_SCRIPT.format(
+        tests=str(REPO / "tests"), calls=str(calls), kill_at=kill_at, out=str(out)
+    )
+    env = environment(**{CACHE_ENV: str(out.parent / "cache")})
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def _normalised_report(out: Path) -> dict:
+    text = (out / "report.json").read_text().replace(str(out.parent), "ROOT")
+    report = json.loads(text)
+    report.pop("timings_seconds", None)
+    return report
+
+
+def test_reproduce_killed_mid_way_reruns_only_what_is_unfinished_and_writes_the_same_report(tmp_path):
+    steps = [[stage, seed] for seed in (0, 1) for stage in ("0", "1", "2", "3", "dense")]
+    kill_at = random.Random(KILL_SEED).choice(steps[1:])  # a step after the first, of either seed
+    whole = run_reproduce(tmp_path / "whole" / "run", tmp_path / "whole-calls.jsonl", None)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    out, calls = tmp_path / "killed" / "run", tmp_path / "killed-calls.jsonl"
+    killed = run_reproduce(out, calls, kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    before = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert before[-1] == ["train", *map(str, kill_at)] and not (out / "report.json").exists()
+    seed_dir = out / f"seed{kill_at[1]}"
+    stage_dir = seed_dir / {"dense": "dense"}.get(kill_at[0], f"stage{kill_at[0]}")
+    assert stage_dir.is_dir() and not (stage_dir / COMPLETION_MARKER).exists()  # the half-trained stage
+
+    calls.write_text("")
+    resumed = run_reproduce(out, calls, None)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = [json.loads(line) for line in calls.read_text().splitlines()]
+    finished_before = [c for c in before[:-1] if c[0] == "train"]
+    assert not [c for c in again if c in finished_before]  # nothing finished was trained again
+    assert again[0] == ["train", *map(str, kill_at)]  # the killed stage first, from the start
+    assert _normalised_report(out) == _normalised_report(tmp_path / "whole" / "run")
