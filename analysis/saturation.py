@@ -19,7 +19,6 @@ functions over the records; reading the file is `read_probe_choices`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,8 +35,11 @@ def read_probe_choices(source: str | Path) -> list[dict]:
     path = path / PROBE_CHOICES_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no probe choices at {path}")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sorted(records, key=lambda r: r["step"])
+    from trainer.routing_stats import (
+        read_log_lines,  # the per-step logs' one reader (a torn last line dropped)
+    )
+
+    return sorted(read_log_lines(path), key=lambda r: r["step"])
 
 
 def _choice_matrix(records: Sequence[Mapping], layer: str) -> np.ndarray:
