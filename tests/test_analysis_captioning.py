@@ -16,6 +16,13 @@ REFERENCES = {
 }
 IDENTICAL = {i: refs[0] for i, refs in REFERENCES.items()}
 WRONG = {**IDENTICAL, 2: "a man riding a surfboard on a wave"}
+# The first references again, differing only in case and punctuation -- both ways round (punctuation and capitals
+# dropped, added, moved), so that skipping the PTB tokenizer on either side changes the tokens the scorers see.
+RECASED = {
+    1: "a red car parked on the street",
+    2: "TWO DOGS PLAY, WITH A BALL IN THE PARK!",
+    3: "A plate of food with broccoli and rice ...",
+}
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs a Java runtime")
 
@@ -58,6 +65,22 @@ def test_empty_predictions_are_counted_and_scored_zero():
     assert result["per_image"][1]["ROUGE_L"] == 0.0 and result["per_image"][2]["ROUGE_L"] == pytest.approx(
         1.0
     )
+
+
+@needs_java
+def test_case_and_punctuation_do_not_change_the_scores():
+    """COCO's scores are of PTB tokens (lower-cased, punctuation dropped) on both sides, so a prediction that
+    differs from its reference only in case and punctuation scores as the exact match does: BLEU and ROUGE-L
+    perfect, CIDEr and every per-image score equal. (Only this module's other tests use character-identical
+    captions, where scoring raw strings would pass too.)"""
+    with CaptionEvaluator(meteor=False) as evaluator:
+        exact = evaluator.evaluate(IDENTICAL, REFERENCES, per_image=True)
+        recased = evaluator.evaluate(RECASED, REFERENCES, per_image=True)
+    assert recased["Bleu_4"] == pytest.approx(1.0, abs=1e-6) and recased["ROUGE_L"] == pytest.approx(1.0)
+    for metric in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"):
+        assert recased[metric] == pytest.approx(exact[metric]), metric
+    for i, scores_of_image in exact["per_image"].items():
+        assert recased["per_image"][i] == pytest.approx(scores_of_image), i
 
 
 def test_invalid_input_names_the_ids():

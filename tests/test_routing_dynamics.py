@@ -5,20 +5,30 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from test_train import make_shapes, make_stage0, quick_args, routing_lines, train, weights
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from analysis.figures import plot_routing_dynamics
 from analysis.load import expert_load, load_report, routing_dynamics
 from analysis.saturation import read_probe_choices, router_saturation
-from configuration.contract import COMPLETION_MARKER, LOAD_GROUPS, ROUTING_LOG_FILE
+from configuration.contract import COMPLETION_MARKER, LOAD_GROUPS, PROBE_CHOICES_FILE, ROUTING_LOG_FILE
 from trainer.callbacks import compact_logs
 from trainer.load_stats import group_stats
-from trainer.routing_stats import PROBE_PREFIX, SCALAR_STATS, RoutingAccumulator, flatten, unflatten
+from trainer.routing_stats import (
+    PROBE_PREFIX,
+    SCALAR_STATS,
+    RoutingAccumulator,
+    flatten,
+    read_log_lines,
+    unflatten,
+)
 
 # ----- statistics on constructed router outputs ----------------------------------------------------------------------
 
@@ -242,37 +252,72 @@ def test_stage3_logs_training_and_probe_routing_at_every_logging_step(start):
     assert saturation["steps"] == [0, 1, 2, 3] and set(saturation["layers"]) == {"0", "1"}
 
 
-def test_router_learning_rate_survives_a_kill_and_resume(start):
-    """fused AdamW with the router param group: a run stopped after its step-2 checkpoint and resumed ends with the
-    same weights and the same routing log (probe included) as the uninterrupted run."""
-    from transformers import TrainerCallback
+class _Killed(RuntimeError):
+    """Stands for the training process being killed."""
 
-    class Killed(RuntimeError):
-        pass
 
-    class KillAfterCheckpoint(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                raise Killed
+class _KillAtTheStep2Save(TrainerCallback):
+    """Killed as checkpoint-2 is saved: the logs hold rows 1-2, the checkpoint's own; nothing is logged past it."""
 
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise _Killed
+
+
+class _KillAfterStep3WasLogged(TrainerCallback):
+    """Killed as step 4 begins: the logs hold row 3, logged after checkpoint-2, which the resumed run logs again."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise _Killed
+
+
+def _kill_and_resume_args(shapes) -> list[str]:
+    return quick_args(
+        shapes, steps=4, save_strategy="steps", save_steps=2, logging_steps=1, router_learning_rate=5e-3
+    )
+
+
+def _logged_steps(directory, name: str) -> list[int]:
+    """The steps of a per-step log, in file order (a duplicated row shows; `read_probe_choices` sorts)."""
+    return [record["step"] for record in read_log_lines(directory / name)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(start):
     root, shapes, stage2 = start
-    overrides = quick_args(
-        shapes, steps=3, save_strategy="steps", save_steps=2, logging_steps=1, router_learning_rate=5e-3
-    )
-    whole = train("3", root / "whole", stage2, overrides)
-    with pytest.raises(Killed):
-        train("3", root / "killed", stage2, overrides, callbacks=[KillAfterCheckpoint()])
-    state = torch.load(
-        next((root / "killed").glob("checkpoint-2")) / "optimizer.pt", map_location="cpu", weights_only=True
-    )
+    return train("3", root / "whole", stage2, _kill_and_resume_args(shapes))
+
+
+@pytest.mark.parametrize(
+    "kill, logged_at_kill",
+    [(_KillAtTheStep2Save, [1, 2]), (_KillAfterStep3WasLogged, [1, 2, 3])],
+    ids=["at-the-save", "after-a-row-past-the-checkpoint"],
+)
+def test_a_killed_run_resumes_to_the_same_weights_and_logs_each_row_once(
+    start, uninterrupted, kill, logged_at_kill
+):
+    """Stage 3 (fused AdamW with the router param group) killed at its step-2 checkpoint, or one logged step past it,
+    and resumed from checkpoint-2 ends with the uninterrupted run's weights, and its routing log and probe choices:
+    each step once, in order. Killed past the checkpoint, the rows logged after it are in the files when the resumed
+    run starts; it must drop them (`_keep_lines_up_to`) and log them again, not append a second copy."""
+    root, shapes, stage2 = start
+    overrides = _kill_and_resume_args(shapes)
+    out = root / f"killed-{kill.__name__}"
+    with pytest.raises(_Killed):
+        train("3", out, stage2, overrides, callbacks=[kill()])
+    assert Path(get_last_checkpoint(str(out))).name == "checkpoint-2"
+    assert _logged_steps(out, ROUTING_LOG_FILE) == logged_at_kill
+    assert _logged_steps(out, PROBE_CHOICES_FILE) == [0, *logged_at_kill]
+    state = torch.load(out / "checkpoint-2" / "optimizer.pt", map_location="cpu", weights_only=True)
     assert [g.get("name") for g in state["param_groups"]][-1] == "router"
-    resumed = train("3", root / "killed", stage2, [*overrides, "--resume_from_checkpoint", "true"])
-    a, b = weights(whole), weights(resumed)
+    resumed = train("3", out, stage2, [*overrides, "--resume_from_checkpoint", "true"])
+    a, b = weights(uninterrupted), weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
-    assert routing_lines(whole) == routing_lines(resumed)
-    # The probe choices too: the resumed run kept steps 0-2 of the killed one and added step 3, once.
-    assert read_probe_choices(whole) == read_probe_choices(resumed)
-    assert [c["step"] for c in read_probe_choices(resumed)] == [0, 1, 2, 3]
+    assert _logged_steps(resumed, ROUTING_LOG_FILE) == [1, 2, 3, 4]
+    assert _logged_steps(resumed, PROBE_CHOICES_FILE) == [0, 1, 2, 3, 4]
+    assert routing_lines(resumed) == routing_lines(uninterrupted)
+    assert read_log_lines(resumed / PROBE_CHOICES_FILE) == read_log_lines(uninterrupted / PROBE_CHOICES_FILE)
 
 
 def test_probe_on_the_train_split_is_held_out_of_training(start, tiny_model, processor, tmp_path):
