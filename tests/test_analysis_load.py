@@ -106,7 +106,9 @@ def test_hard_collapse_at_exactly_the_threshold(dominant, collapsed):
     assert r["dominant_fraction"] == dominant / 100
     assert (r["dominant_fraction"] == HARD_COLLAPSE_THRESHOLD) is collapsed
     assert r["collapsed"] is collapsed and r["dominant_expert"] == 1
-    assert load_report({0: {"choices": choices}}, num_experts=2)["collapsed_layers"] == ([0] if collapsed else [])
+    assert load_report({0: {"choices": choices}}, num_experts=2)["collapsed_layers"] == (
+        [0] if collapsed else []
+    )
 
 
 @pytest.mark.parametrize("share, collapsed", [(0.9, True), (np.nextafter(0.9, 0.0), False)])
