@@ -93,3 +93,34 @@ def test_load_report_counts_collapsed_layers():
     assert report["n_collapsed"] == 2 and report["collapsed_layers"] == [0, 2]
     assert list(report["layers"]) == ["0", "1", "2"]
     assert json.loads(json.dumps(report, allow_nan=False)) == report
+
+
+@pytest.mark.parametrize("dominant, collapsed", [(99, True), (98, False)])
+def test_hard_collapse_at_exactly_the_threshold(dominant, collapsed):
+    """Hard collapse is ">= 99 %" of top-1 dispatch: 99 of 100 tokens on one expert (0.99, exactly the float of
+    HARD_COLLAPSE_THRESHOLD) is collapsed, 98 is not. Every other test collapses 100 %, which `>` also passes."""
+    from analysis.load import HARD_COLLAPSE_THRESHOLD
+
+    choices = np.array([1] * dominant + [0] * (100 - dominant))
+    r = expert_load(choices, num_experts=2)
+    assert r["dominant_fraction"] == dominant / 100
+    assert (r["dominant_fraction"] == HARD_COLLAPSE_THRESHOLD) is collapsed
+    assert r["collapsed"] is collapsed and r["dominant_expert"] == 1
+    assert load_report({0: {"choices": choices}}, num_experts=2)["collapsed_layers"] == (
+        [0] if collapsed else []
+    )
+
+
+@pytest.mark.parametrize("share, collapsed", [(0.9, True), (np.nextafter(0.9, 0.0), False)])
+def test_soft_collapse_at_exactly_the_threshold(share, collapsed):
+    """Soft collapse is mean router probability ">= 90 %". Two tokens at p = 0.9 average to exactly the float
+    SOFT_COLLAPSE_THRESHOLD (0.9 + 0.9 and the halving are exact), so the boundary itself is tested; the next
+    float below is not collapsed. Both tokens' top-1 is expert 0, so the hard definition is collapsed either way."""
+    from analysis.load import SOFT_COLLAPSE_THRESHOLD
+
+    probs = np.array([[share, 1.0 - share]] * 2)
+    r = expert_load(np.zeros(2, dtype=np.int64), probs)
+    assert r["soft_dominant_fraction"] == share
+    assert (r["soft_dominant_fraction"] == SOFT_COLLAPSE_THRESHOLD) is collapsed
+    assert r["collapsed_soft"] is collapsed and r["soft_dominant_expert"] == 0
+    assert r["collapsed"]

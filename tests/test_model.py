@@ -125,6 +125,36 @@ def test_upcycled_experts_identical_and_reproduce_dense_logits(tokenizer):
         torch.testing.assert_close(moe(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_train_mode_gumbel_is_straight_through_gate_one_and_dense_logits(tokenizer):
+    """Stage 3's straight-through routing: in training a token's expert output is multiplied by a gate whose *value*
+    is exactly 1 (the hard sample), the soft Gumbel probabilities only carrying the gradient. With identical upcycled
+    experts that makes the train-mode MoE reproduce the dense model's logits whatever expert the noise picks; a soft
+    gate (`hard=False`) would scale each block's output by a probability < 1 and break both checks."""
+    dense, moe = _dense_and_upcycled()
+    moe.set_router_mode("gumbel")
+    moe.train()
+    gates = []
+    hooks = [
+        block.gate.register_forward_hook(lambda _m, _i, out: gates.append(out[1].detach()))
+        for block in moe.moe_blocks().values()
+    ]
+    ids = torch.tensor([tokenizer.encode("A red circle and a blue square.")])
+    torch.manual_seed(5)
+    try:
+        out = moe(input_ids=ids, output_router_logits=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(gates) == len(moe.config.moe_layers) and len(out.router_indices) == len(gates)
+    for gate, index in zip(gates, out.router_indices):
+        assert gate.shape == index.shape == (ids.shape[1], 1)
+        assert torch.equal(gate, torch.ones_like(gate))  # exactly 1.0, not a soft probability
+    chosen = torch.cat([index[:, 0] for index in out.router_indices])
+    noiseless = torch.cat([logits.argmax(-1) for logits in out.router_logits])
+    assert not torch.equal(chosen, noiseless)  # the noise did pick: this is the sampled (training) path
+    torch.testing.assert_close(out.logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_upcycling_copies_a_given_vision_tower():
     import open_clip
 

@@ -224,6 +224,44 @@ def test_gumbel_tau_schedule_is_linear_and_resumable():
         GumbelTauCallback(1.0, 0.0)
 
 
+def test_stage2_5_run_anneals_the_logged_and_sampled_gumbel_tau(workdir, shapes, stage0, monkeypatch):
+    """A Stage 2.5 run, not just the schedule: the temperature the routers sample with (the `tau` reaching
+    `F.gumbel_softmax`) and the `gumbel_tau` the run logs fall step by step from the recipe's gumbel_tau to its
+    gumbel_tau_end. A callback left unregistered, or one that no longer sets the config, keeps tau at the start."""
+    from transformers import TrainerCallback
+
+    recipe = yaml.safe_load(recipe_path("2.5").read_text())
+    start, end = recipe["gumbel_tau"], recipe["gumbel_tau_end"]
+    assert start > end > 0
+    sampled, logged = [], []
+    sample = torch.nn.functional.gumbel_softmax
+
+    def recording_sample(logits, tau=1.0, **kwargs):
+        sampled.append(float(tau))
+        return sample(logits, tau=tau, **kwargs)
+
+    class LoggedTau(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:  # the per-step logs (the end-of-run summary repeats the last tau)
+                logged.append((state.global_step, logs.get("gumbel_tau")))
+
+    monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", recording_sample)
+    steps = 4
+    train(
+        "2.5",
+        workdir / "stage2_5_tau",
+        stage0,
+        quick_args(shapes, steps, logging_steps=1),
+        callbacks=[LoggedTau()],
+    )
+    expected = [start + (end - start) * i / (steps - 1) for i in range(steps)]
+    assert [step for step, _ in logged] == list(range(1, steps + 1))
+    assert [tau for _, tau in logged] == pytest.approx(expected)
+    # one call per MoE layer per forward, each step's forward sampling with that step's tau
+    assert sorted(set(sampled), reverse=True) == pytest.approx(expected)
+    assert sampled == sorted(sampled, reverse=True)
+
+
 # ----- the stages -----------------------------------------------------------------------------------------------------
 STAGE_ORDER = ["0", "1", "2", "2.5", "3"]
 EXPECTED_GROUPS = {
