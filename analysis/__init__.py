@@ -84,6 +84,7 @@ _EXPORTS = {
         "CaptionEvaluator",
         "caption_metrics",
         "caption_prompt",
+        "chat_prompt",
         "evaluation_prompt_formats",
         "training_prompt_format",
         "validate_captions",

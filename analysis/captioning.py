@@ -48,21 +48,22 @@ RAW_CAPTION_PROMPT = "<image>\n"  # the caption format's prompt: <s> [IMG]... <0
 CHAT_CAPTION_INSTRUCTION = "Describe the image."
 
 
+def chat_prompt(processor, text: str) -> str:
+    """The chat template's prompt for one user turn holding the image, then ``text``, ready for the answer:
+    ``<s>[INST] <image>\n{text} [/INST]`` (Stage 3's conversations put the image before the first question)."""
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError("a chat-format prompt needs a processor with a chat template; this one has none")
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
 def caption_prompt(processor, prompt_format: str = "raw") -> str:
     """The text the processor turns into a captioning prompt in ``prompt_format`` (see the module doc): ``raw`` ->
     ``"<image>\\n"``; ``chat`` -> the chat template's ``<s>[INST] <image>\\nDescribe the image. [/INST]``."""
     if prompt_format == "raw":
         return RAW_CAPTION_PROMPT
     if prompt_format == "chat":
-        if getattr(processor, "chat_template", None) is None:
-            raise ValueError("prompt_format='chat' needs a processor with a chat template; this one has none")
-        conversation = [
-            {
-                "role": "user",
-                "content": [{"type": "image"}, {"type": "text", "text": CHAT_CAPTION_INSTRUCTION}],
-            }
-        ]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return chat_prompt(processor, CHAT_CAPTION_INSTRUCTION)
     raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
 
 
@@ -312,6 +313,7 @@ __all__ = [
     "CaptionEvaluator",
     "caption_metrics",
     "caption_prompt",
+    "chat_prompt",
     "evaluation_prompt_formats",
     "training_prompt_format",
     "validate_captions",

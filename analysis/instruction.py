@@ -27,6 +27,7 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 
+from .captioning import chat_prompt
 from .grounding import mentioned, shapes_vocabulary
 from .stats import proportion_test
 
@@ -264,10 +265,9 @@ def score_answers(
 
 
 def instruction_prompt(processor, question: str) -> str:
-    """The Stage 3 prompt for one question about one image: the chat template's ``<s>[INST] <image>\\n{question}
-    [/INST]`` (the training conversations put the image marker before the first question, as here)."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    """The Stage 3 prompt for one question about one image (``captioning.chat_prompt``: the chat template's
+    ``<s>[INST] <image>\\n{question} [/INST]``, the image before the question as in the training conversations)."""
+    return chat_prompt(processor, question)
 
 
 def instruction_accuracy(
@@ -283,8 +283,6 @@ def instruction_accuracy(
     from .extract import generate_captions
 
     records = list(records)
-    if getattr(processor, "chat_template", None) is None:
-        raise ValueError("instruction_accuracy needs a processor with a chat template; this one has none")
     keyed = [{**r, "id": f"{i}"} for i, r in enumerate(records)]  # generate_captions keys its answers by id
     prompts = [instruction_prompt(processor, r["question"]) for r in records]
     training = model.training
