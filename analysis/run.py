@@ -241,9 +241,10 @@ def analyze_routing_log(model_dir: str | Path, out_dir: str | Path) -> tuple[dic
 
 def split_grounding(model, processor, data, n: int, max_new_tokens: int, batch_size: int = 16) -> dict:
     """`grounding.caption_grounding` on the first `n` single-object records of `data["test"]`, saying which split."""
-    split = data["test"]
-    return {"split": "test", **caption_grounding(model, processor, split, n=n, max_new_tokens=max_new_tokens,
-                                                 batch_size=batch_size)}  # fmt: skip
+    grounding = caption_grounding(
+        model, processor, data["test"], n=n, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return {"split": "test", **grounding}
 
 
 def routing_report(model, collator, rows: list, seed: int = 0, batch_size: int = 16) -> dict:
@@ -326,8 +327,8 @@ def analyze(
     `instruction`: `n_instruction` held-out Shapes questions per kind (scenes from their own seed stream, never
     trained on) answered in the chat format and scored by slot (`analysis.instruction`), when the data is the Shapes
     world (its test split has `objects`); 0 leaves it out. `router_saturation` (when `model_dir` has a probe-choices
-    log): how soon each probe token's expert stopped
-    changing over the stage (`analyze_router_saturation`), with the figure `router_saturation.png`."""
+    log): how soon each probe token's expert stopped changing over the stage (`analyze_router_saturation`), with
+    the figure `router_saturation.png`."""
     from trainer.data import MoeVlmCollator
 
     started = time.time()

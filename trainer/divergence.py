@@ -15,7 +15,8 @@ finite does `diagnose` look further, in this order, and say what it found in mod
    the step's batches (clipping by a non-finite norm has made every gradient non-finite by then).
 
 The error is raised before the optimizer step (the weights of the failed step are never applied) or, for the
-check before a checkpoint, before anything of that checkpoint is written; so no later checkpoint is written and the stage writes no completion marker; the last good checkpoint stays where it was.
+check before a checkpoint, before anything of that checkpoint is written; so no later checkpoint is written, the
+stage writes no completion marker, and the last good checkpoint stays where it was.
 `TrainingDivergedError` is a `ValueError` so that `moe-vlm train` reports it as one line and exits non-zero
 (`moe_vlm_cli.main`), as it reports a bad recipe.
 """

@@ -40,13 +40,12 @@ ALLOW_PICKLE_HELP = (
 def pickle_files(path: str | Path) -> list[Path]:
     """The pickle weight files of a checkpoint folder (or the file itself), the Trainer's state files excepted."""
     path = Path(path)
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(p for p in path.iterdir() if p.is_file())
-        if path.is_dir()
-        else []
-    )
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    else:  # a Hub id: nothing on this machine to check
+        files = []
     return [
         p
         for p in files

@@ -354,9 +354,8 @@ class MoeVlmStageTrainer(Trainer):
         if self.args.should_save:
             if best != self.state.best_model_checkpoint:
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-            if os.path.isdir(
-                final
-            ):  # an earlier save of this step (a rerun over old checkpoints): replace it
+            # An earlier save of this step (a rerun over old checkpoints): replace it.
+            if os.path.isdir(final):
                 os.replace(final, os.path.join(staging_root, f"{name}.old"))
             os.replace(staged, final)
             shutil.rmtree(staging_root, ignore_errors=True)
