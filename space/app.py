@@ -82,9 +82,8 @@ class RoutingDemo:
                 choice.source, trust_remote_code=True, use_safetensors=None if allow_pickle else True
             ).eval()
             self.processor = AutoProcessor.from_pretrained(choice.source, trust_remote_code=True)
-        except (
-            OSError
-        ) as error:  # a Hub id that does not exist, no network to fetch it, or no safetensors weights
+        # A Hub id that does not exist, no network to fetch it, or no safetensors weights.
+        except OSError as error:
             hint = "" if allow_pickle else " (the Space reads safetensors weights only: see --allow-pickle)"
             raise FileNotFoundError(f"could not load the model {choice.source!r}: {error}{hint}") from None
         if not hasattr(self.model, "set_router_mode") or not self.model.config.moe_layers:
