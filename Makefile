@@ -5,6 +5,7 @@
 # Override the interpreter with PYTHON=python3.12, the venv with VENV=DIR; LOCK= installs without the lock.
 #   make lock         re-resolve the newest versions pyproject.toml allows and rewrite requirements.lock
 #   make test-latest  the same tests in .venv-latest with the newest versions pyproject.toml allows (no lock)
+#   make mutation     mutation testing of the science code (cosmic-ray; about an hour on 2 cores; not in CI)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,10 +21,13 @@ SEEDS ?= 0 1 2
 SEEDS_OUT ?= runs/reproduce-seeds
 # `make ablate`: every routing variant of configuration/ablations/ over $(SEEDS), into $(ABLATE_OUT).
 ABLATE_OUT ?= runs/ablate
+# `make mutation`: sessions and report in $(MUTATION_OUT); MUTATION_ARGS e.g. "--only stats load" or "--rejudge".
+MUTATION_OUT ?= runs/mutation
+MUTATION_ARGS ?=
 
 CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup reproduce reproduce-seeds ablate test test-latest versions lock lint clean
+.PHONY: setup reproduce reproduce-seeds ablate test test-latest mutation versions lock lint clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +57,12 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# Mutation testing (tests/mutation/targets.toml: each module with the tests that cover it). Exits non-zero when
+# under 90 % of the non-equivalent mutants are killed. An interrupted run continues where it stopped.
+mutation: setup
+	$(PY) -m pip install --quiet -e ".[mutation]" $(CONSTRAINTS)
+	$(PY) tests/mutation/run_mutation.py --out $(MUTATION_OUT) --jobs 2 $(MUTATION_ARGS)
+
 # The versions that matter most, as installed in $(VENV).
 versions: setup
 	@$(PY) -c 'import importlib.metadata as m, platform; print(f"Python {platform.python_version()}", *(f"{p} {m.version(p)}" for p in ("torch", "transformers", "peft", "accelerate", "gradio", "open_clip_torch")), sep=", ")'
@@ -68,11 +78,11 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[test,mutation]"
 	$(LOCK_VENV)/bin/python -m pip check
 	{ echo "# The tested environment: every package pinned, for pip as a constraints file (pip install -c)."; \
 	  echo "# Written by \`make lock\` on $$(date -u '+%Y-%m-%d %H:%M UTC'): a fresh venv, \`pip install --upgrade pip\`,"; \
-	  echo "# \`pip install -e \".[test]\"\` (the newest versions pyproject.toml allows), \`pip freeze --all --exclude-editable\`."; \
+	  echo "# \`pip install -e \".[test,mutation]\"\` (the newest versions pyproject.toml allows), \`pip freeze --all --exclude-editable\`."; \
 	  $(LOCK_VENV)/bin/python -c 'import platform as p, sys; libc = " ".join(p.libc_ver()).strip(); print(f"# Resolved on {p.python_implementation()} {p.python_version()}, {p.system()} {p.machine()}" + (f", {libc}" if libc else "") + f": for that platform and Python {sys.version_info.major}.{sys.version_info.minor}")'; \
 	  echo "# (torch's nvidia-*, cuda-* and triton pins are Linux x86_64 ones). Elsewhere pins that do not apply are ignored;"; \
 	  echo "# where one cannot install, \`make setup LOCK=\` installs without the lock, or run \`make lock\` there."; \
