@@ -1,0 +1,100 @@
+"""The router and its losses, each against its definition on numbers small enough to check by hand: the edge
+cases `make mutation` found untested (a single token, a batch of only padding, top-2 renormalisation, the sign of
+the specialisation loss, the modality term with dropout on the router's input)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from modeling_moe_vlm import router_losses
+from modeling_moe_vlm.modeling_moe_vlm import MoeVlmRouter, _switch_balance
+
+
+def test_the_modality_term_is_one_learned_bias_per_modality_and_expert():
+    router = MoeVlmRouter(tiny_config(router_mode="modality_aware"))
+    assert {name: tuple(p.shape) for name, p in router.named_parameters()} == {
+        "weight": (2, router.config.hidden_size),
+        "modality_embedding.weight": (2, router.config.modality_embed_dim),  # text, image
+        "modality_proj.weight": (
+            2,
+            router.config.modality_embed_dim,
+        ),  # no bias: that would be modality-blind
+    }
+
+
+def _modality_router(**overrides) -> MoeVlmRouter:
+    """A modality-aware router whose own weight is zero and whose modality term sends image tokens to expert 0
+    and text tokens to expert 1 by a margin of 200 logits (+-100 each): no Gumbel sample can overturn it."""
+    router = MoeVlmRouter(tiny_config(router_mode="modality_aware", **overrides))
+    with torch.no_grad():
+        router.weight.zero_()
+        router.modality_embedding.weight.copy_(torch.eye(2, router.config.modality_embed_dim))
+        router.modality_proj.weight.zero_()
+        router.modality_proj.weight[0, 1], router.modality_proj.weight[1, 0] = (
+            100.0,
+            100.0,
+        )  # image -> 0, text -> 1
+        router.modality_proj.weight[0, 0], router.modality_proj.weight[1, 1] = -100.0, -100.0
+    return router
+
+
+@pytest.mark.parametrize("dropout_on", ["input", "logits"])
+def test_the_modality_term_decides_with_router_dropout_in_training(dropout_on):
+    router = _modality_router(router_dropout=0.1, router_dropout_on=dropout_on).train()
+    hidden = torch.randn(8, router.config.hidden_size)
+    is_image = torch.tensor([True, False] * 4)
+    logits, weights, index = router(hidden, is_image)
+    assert index.squeeze(-1).tolist() == [0, 1] * 4
+    assert torch.equal(weights, torch.ones_like(weights))
+    # the returned logits are the router's own (no dropout): the modality term alone, since the weight is zero
+    torch.testing.assert_close(
+        logits, torch.where(is_image[:, None], 1.0, -1.0) * torch.tensor([100.0, -100.0])
+    )
+
+
+def test_softmax_top2_weights_are_renormalised_and_top1_keeps_the_probability():
+    hidden = torch.randn(5, tiny_config().hidden_size)
+    is_image = torch.zeros(5, dtype=torch.bool)
+    for k in (1, 2):
+        router = MoeVlmRouter(tiny_config(router_mode="softmax", num_experts_per_tok=k)).eval()
+        torch.nn.init.normal_(router.weight)
+        logits, weights, index = router(hidden, is_image)
+        probs = logits.softmax(-1).gather(-1, index)
+        expected = probs / probs.sum(-1, keepdim=True) if k == 2 else probs
+        torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5))
+
+
+def test_switch_balance_of_one_row_and_of_no_row():
+    dispatched = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    one = _switch_balance(dispatched, probs, torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(one, torch.tensor(2 * 0.7))  # E * f_0 * P_0 with f = (1, 0), P = (0.7, 0.3)
+    none = _switch_balance(dispatched, probs, torch.zeros(2))
+    assert torch.equal(none, torch.tensor(0.0))  # zero, not 0/0
+
+
+def test_router_losses_of_a_single_token_by_hand():
+    cfg = tiny_config(modality_to_expert={"image": 0, "text": 1})
+    logits = torch.tensor([[2.0, 0.0]])  # (1 token, E)
+    index = torch.tensor([[0]])
+    terms = router_losses((logits,), (index,), torch.tensor([[False]]), None, cfg)
+    log_p = logits.log_softmax(-1)[0]
+    torch.testing.assert_close(
+        terms["specialisation_loss"], -log_p[1]
+    )  # a text token's NLL of the text expert
+    assert terms["specialisation_loss"] > 0
+    torch.testing.assert_close(terms["z_loss"], torch.logsumexp(logits[0], 0).square())
+    torch.testing.assert_close(terms["load_balancing_loss"], 2 * log_p[0].exp())
+    torch.testing.assert_close(terms["modality_balancing_loss"], 2 * log_p[0].exp())  # text only: the same
+
+
+def test_router_losses_of_a_batch_of_only_padding_are_zero_not_nan():
+    cfg = tiny_config()
+    logits = torch.randn(3, 2)
+    index = logits.argmax(-1, keepdim=True)
+    terms = router_losses((logits,), (index,), torch.tensor([[True, False, False]]), torch.zeros(1, 3), cfg)
+    for name in ("load_balancing_loss", "z_loss", "specialisation_loss", "modality_balancing_loss"):
+        assert torch.equal(terms[name], torch.tensor(0.0)), (name, terms[name])
