@@ -98,3 +98,27 @@ def test_router_losses_of_a_batch_of_only_padding_are_zero_not_nan():
     terms = router_losses((logits,), (index,), torch.tensor([[True, False, False]]), torch.zeros(1, 3), cfg)
     for name in ("load_balancing_loss", "z_loss", "specialisation_loss", "modality_balancing_loss"):
         assert torch.equal(terms[name], torch.tensor(0.0)), (name, terms[name])
+
+
+def test_logit_dropout_perturbs_the_decision_in_training_only():
+    router = MoeVlmRouter(tiny_config(router_mode="softmax", router_dropout=0.5, router_dropout_on="logits"))
+    torch.nn.init.normal_(router.weight)
+    hidden = torch.randn(64, router.config.hidden_size)
+    is_image = torch.zeros(64, dtype=torch.bool)
+    torch.manual_seed(0)
+    logits, weights, index = router.train()(hidden, is_image)
+    own = logits.softmax(-1).gather(-1, index)
+    assert not torch.allclose(weights, own)  # decided from the dropped-out logits
+    logits, weights, index = router.eval()(hidden, is_image)
+    torch.testing.assert_close(weights, logits.softmax(-1).gather(-1, index))
+
+
+def test_invert_sends_every_token_to_the_next_expert():
+    router = MoeVlmRouter(tiny_config(router_mode="softmax", num_experts=3)).eval()
+    torch.nn.init.normal_(router.weight)
+    hidden = torch.randn(12, router.config.hidden_size)
+    is_image = torch.zeros(12, dtype=torch.bool)
+    _, _, index = router(hidden, is_image)
+    router.invert = True
+    _, _, inverted = router(hidden, is_image)
+    assert torch.equal(inverted, (index + 1) % 3)
