@@ -195,6 +195,23 @@ def _filter_session(session: Path, tree: Path, target: Target, operators: list[r
                 db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
 
 
+def _write_config(target: Target, work: Path) -> Path:
+    """The cosmic-ray config of `target`: its module in the tree copy, its tests as the test command."""
+    command = shlex.join(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *target.tests]
+    )
+    config = work / "cosmic-ray.toml"
+    config.write_text(
+        "[cosmic-ray]\n"
+        f'module-path = "{work / "tree" / target.module}"\n'
+        f"timeout = {MUTANT_TIMEOUT_S}\n"
+        "excluded-modules = []\n"
+        f"test-command = {json.dumps(command)}\n"
+        '[cosmic-ray.distributor]\nname = "local"\n'
+    )
+    return config
+
+
 def run_target(target: Target, operators: list[re.Pattern], out: Path, limit: int | None) -> Path:
     """One cosmic-ray session for `target` in its own tree copy; returns the session file."""
     work = out / target.name
@@ -204,18 +221,7 @@ def run_target(target: Target, operators: list[re.Pattern], out: Path, limit: in
         shutil.rmtree(work, ignore_errors=True)
         tree.mkdir(parents=True)
         _copy_tree(tree)
-        command = shlex.join(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *target.tests]
-        )
-        config = work / "cosmic-ray.toml"
-        config.write_text(
-            "[cosmic-ray]\n"
-            f'module-path = "{tree / target.module}"\n'
-            f"timeout = {MUTANT_TIMEOUT_S}\n"
-            "excluded-modules = []\n"
-            f"test-command = {json.dumps(command)}\n"
-            '[cosmic-ray.distributor]\nname = "local"\n'
-        )
+        config = _write_config(target, work)
         partial = work / "session.partial.sqlite"
         _cosmic("init", str(config), str(partial), cwd=tree, env=env, log=log)
         _filter_session(partial, tree, target, operators)
@@ -249,6 +255,7 @@ def rejudge(target: Target, out: Path) -> None:
     if not session.exists():
         return
     _copy_tree(work / "tree")
+    _write_config(target, work)  # today's test list
     with use_db(str(session), WorkDB.Mode.open) as db:
         survived = [
             item.job_id for item, r in db.completed_work_items if r.test_outcome == TestOutcome.SURVIVED
