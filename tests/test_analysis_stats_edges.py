@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.stats import binomial_diagonal_test, bootstrap_ci, proportion_test, silhouette_interval
+from analysis.stats import (
+    binomial_diagonal_test,
+    bootstrap_ci,
+    diagonal_tests,
+    permutation_test,
+    proportion_test,
+    silhouette_interval,
+)
 
 
 def test_the_smallest_square_matrix_is_tested_and_anything_else_refused():
@@ -60,3 +67,63 @@ def test_silhouette_refuses_points_and_labels_that_do_not_pair():
     for bad_points, bad_labels in ((points, labels[:5]), (points[:, 0], labels), (points, labels[:, None])):
         with pytest.raises(ValueError, match=r"\(M, D\)"):
             silhouette_interval(bad_points, bad_labels, n_boot=20)
+
+
+def test_every_open_interval_and_minimum_is_enforced_at_its_boundary():
+    visual, textual = _samples()
+    m = np.eye(3)
+    assert binomial_diagonal_test(m, null_p=1e-9)["null_p"] == 1e-9
+    for null_p in (0.0, 1.0):
+        with pytest.raises(ValueError, match="null_p"):
+            binomial_diagonal_test(m, null_p=null_p)
+    assert bootstrap_ci(visual, textual, n_boot=5, ci=1e-9)["ci"] == 1e-9
+    for ci in (0.0, 1.0):
+        with pytest.raises(ValueError, match="ci must"):
+            bootstrap_ci(visual, textual, n_boot=5, ci=ci)
+    assert permutation_test(visual, textual, n_permutations=1)["n_permutations"] == 1
+    with pytest.raises(ValueError, match="n_permutations"):
+        permutation_test(visual, textual, n_permutations=0)
+    assert bootstrap_ci(visual[:2], textual[:2], n_boot=5)["n_concepts"] == 2
+    with pytest.raises(ValueError, match="at least 2 concepts"):
+        bootstrap_ci(visual[:1], textual[:1], n_boot=5)
+    assert proportion_test(1, 1)["fraction"] == 1.0
+
+
+def test_one_sample_per_concept_has_no_bootstrap_spread():
+    visual, textual = _samples()
+    r = bootstrap_ci(visual[:, :1], textual[:, :1], n_boot=50)
+    obs = r["observed_margin"]
+    np.testing.assert_allclose([*r["margin_ci"], *r["margin_ci_basic"], r["margin_mean"]], obs, rtol=1e-12)
+
+
+def test_the_basic_interval_reflects_the_percentile_one_about_the_observed_margin():
+    r = bootstrap_ci(*_samples(), n_boot=200)
+    low, high = r["margin_ci"]
+    np.testing.assert_allclose(
+        r["margin_ci_basic"], [2 * r["observed_margin"] - high, 2 * r["observed_margin"] - low]
+    )
+
+
+def test_diagonal_tests_give_k_over_n_with_its_interval():
+    r = diagonal_tests(*_samples(), center=False, n_permutations=20, n_boot=40)
+    assert r["k_over_n"] == r["k"] / r["n"]
+    assert r["k_over_n_ci"] == [r["bootstrap"]["k_ci"][0] / r["n"], r["bootstrap"]["k_ci"][1] / r["n"]]
+
+
+def test_the_documented_defaults():
+    """The numbers a call without arguments runs, pinned so a changed default is a decision, not a slip: 1000
+    permutations and bootstrap replicates, seed 0, 95 % intervals, chance 0.5 for a share."""
+    visual, textual = _samples()
+    assert (
+        permutation_test(visual, textual)["n_permutations"],
+        permutation_test(visual, textual)["seed"],
+    ) == (1000, 0)
+    boot = bootstrap_ci(visual, textual)
+    assert (boot["n_boot"], boot["seed"], boot["ci"]) == (1000, 0, 0.95)
+    both = diagonal_tests(visual, textual, center=False)
+    assert (both["permutation"]["n_permutations"], both["bootstrap"]["n_boot"], both["bootstrap"]["seed"]) == (
+        1000, 1000, 0,
+    )  # fmt: skip
+    share = proportion_test(6, 10)
+    assert (share["null_p"], share["ci"]) == (0.5, 0.95)
+    assert silhouette_interval(np.eye(4), [0, 0, 1, 1])["n_boot"] == 1000
