@@ -41,3 +41,14 @@ def test_series_carry_expert_0s_share_and_at_end_reads_the_last_log():
     ends = routing_dynamics([_record(10, 0.5, 0.3), _record(20, 0.5, 0.3), _record(30, 0.0, 0.3)])
     assert ends["collapse"]["train"]["0"]["hard"]["at_end"] is True
     assert ends["collapse"]["train"]["0"]["hard"]["expert"] == 1
+
+
+def test_choices_outside_the_experts_and_logits_of_another_shape_are_refused():
+    assert expert_load(np.array([0, 1]), num_experts=2)["num_experts"] == 2
+    for bad in ([-1, 0], [0, 2]):
+        with pytest.raises(ValueError, match="choices"):
+            expert_load(np.array(bad), num_experts=2)
+    choices, probs = np.array([0, 1, 1]), np.full((3, 2), 0.5)
+    assert expert_load(choices, probs=probs, logits=np.zeros((3, 2)))["n_tokens"] == 3
+    with pytest.raises(ValueError, match="logits"):
+        expert_load(choices, probs=probs, logits=np.zeros((3, 3)))

@@ -106,7 +106,7 @@ def test_the_basic_interval_reflects_the_percentile_one_about_the_observed_margi
 
 def test_diagonal_tests_give_k_over_n_with_its_interval():
     r = diagonal_tests(*_samples(), center=False, n_permutations=20, n_boot=40)
-    assert r["k_over_n"] == r["k"] / r["n"]
+    assert r["k"] > 0 and r["k_over_n"] == r["k"] / r["n"]
     assert r["k_over_n_ci"] == [r["bootstrap"]["k_ci"][0] / r["n"], r["bootstrap"]["k_ci"][1] / r["n"]]
 
 
@@ -126,4 +126,17 @@ def test_the_documented_defaults():
     )  # fmt: skip
     share = proportion_test(6, 10)
     assert (share["null_p"], share["ci"]) == (0.5, 0.95)
-    assert silhouette_interval(np.eye(4), [0, 0, 1, 1])["n_boot"] == 1000
+    silhouette = silhouette_interval(np.eye(4), [0, 0, 1, 1])
+    assert (silhouette["n_boot"], silhouette["seed"], silhouette["ci"]) == (1000, 0, 0.95)
+
+
+def test_samples_of_the_wrong_rank_or_shapes_are_refused():
+    visual, textual = _samples()
+    for v, t, message in (
+        (visual[:, 0], textual, r"must be \(C, N, D\)"),
+        (visual, textual[:, 0], r"must be \(C, N, D\)"),
+        (visual[:3], textual, "must share C and D"),
+        (visual, textual[..., :8], "must share C and D"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            bootstrap_ci(v, t, n_boot=5)
