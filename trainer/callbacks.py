@@ -163,9 +163,11 @@ class CompactPrinterCallback(PrinterCallback):
 
 class ProcessInfoCallback(TrainerCallback):
     """Each process writes `<output_dir>/processes/rank-<r>.json` (rank, world size, backend, device) when
-    training starts: the record that a distributed run really ran as that many processes."""
+    training starts: the record that a distributed run really ran as that many processes, and, under FSDP2, that its
+    parameters really were sharded (`sharded_parameters`: how many are DTensor shards, `local_numel` / `full_numel`:
+    the elements this process holds of the model's total)."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         folder = Path(args.output_dir) / "processes"
         folder.mkdir(parents=True, exist_ok=True)
         info = {
@@ -176,8 +178,22 @@ class ProcessInfoCallback(TrainerCallback):
             "device": str(args.device),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            **(_sharding(model) if model is not None else {}),
         }
         (folder / f"rank-{args.process_index}.json").write_text(json.dumps(info, indent=1))
+
+
+def _sharding(model) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    shards = [p for p in params if isinstance(p, DTensor)]
+    return {
+        "sharded_parameters": len(shards),
+        "n_parameters": len(params),
+        "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+        "full_numel": sum(p.numel() for p in params),
+    }
 
 
 def _backend() -> str | None:

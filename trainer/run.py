@@ -148,12 +148,13 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
         processing_class=processor,
         callbacks=[ProcessInfoCallback(), *callbacks],
     )
-    # Under FSDP / ZeRO-3 the parameters are sharded flat buffers: the per-parameter check does not apply.
-    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-    before = None if sharded else fingerprints(model)
+    # FSDP2 keeps every parameter under its own name (a DTensor shard, gathered by `fingerprints`); FSDP1 and ZeRO-3
+    # flatten them into shared buffers, where the per-parameter check does not apply.
+    flat = trainer.is_deepspeed_enabled or (trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2)
+    before = None if flat else fingerprints(model)
     result = trainer.train(resume_from_checkpoint=_resume_argument(training.resume_from_checkpoint))
-    if sharded:
-        check = {"skipped": "parameters are sharded (FSDP / DeepSpeed)"}
+    if flat:
+        check = {"skipped": "parameters are flattened into shared buffers (FSDP1 / DeepSpeed ZeRO-3)"}
     else:
         check = changed_params_check(before, fingerprints(model), trainer.trainable_params)
         if not check["ok"]:

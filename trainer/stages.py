@@ -41,6 +41,7 @@ from .divergence import diagnose, non_finite
 from .freezing import apply_trainable
 from .recipes import StageArguments
 from .routing_stats import PROBE_PREFIX, RoutingAccumulator, RoutingProbe, flatten
+from .sharding import enable_fsdp_on_cpu, fsdp_requested_on_cpu
 from .stage_dirs import CHECKPOINT_STAGING, discard_checkpoint
 
 # A router parameter's name, wherever a wrapper (FSDP, activation checkpointing) inserts a prefix: `...mlp.gate.weight`
@@ -105,6 +106,14 @@ class MoeVlmStageTrainer(Trainer):
         ):
             if self.pop_callback(plain) is not None:
                 self.add_callback(compact)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; on CPU processes launched with an FSDP config, with the FSDP plugin accelerate
+        dropped there (`trainer.sharding`), so the run shards instead of silently falling back to DDP."""
+        super().create_accelerator_and_postprocess()
+        if fsdp_requested_on_cpu(self.accelerator):
+            enable_fsdp_on_cpu(self.accelerator)
+            self.is_fsdp_enabled = True
 
     # ----- stage configuration ----------------------------------------------------------------------------------
     def router_mode(self, stage_args: StageArguments) -> str | None:
