@@ -74,16 +74,23 @@ def test_cpu_twin_differs_from_fsdp_yaml_only_where_the_cpu_requires():
         assert f"| `{key}` | `{shipped}` | `{twin}` |" in readme, key
 
 
+# `accelerate launch` options: the FSDP CPU twin, and plain DDP on two CPU processes (as test_train_distributed.py).
+FSDP_LAUNCH = ["--config_file", str(FSDP_CPU)]
+DDP_LAUNCH = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]  # fmt: skip
+
+
 def launch(
-    config: Path, stage: str, out: Path, from_dir: Path, overrides: list[str]
-) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file <config> -m trainer train ...`, two processes, under a timeout (a hang fails)."""
+    launcher: list[str], stage: str, out: Path, from_dir: Path, overrides: list[str], timeout: int = 240
+):
+    """`accelerate launch <launcher> -m trainer train ...`, two processes, under a timeout: a hang fails the test
+    (`subprocess.TimeoutExpired`) instead of the suite."""
     command = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
+        str(Path(sys.executable).parent / "accelerate"), "launch", *launcher,
         "--main_process_port", str(_free_port()),
         "-m", "trainer", "train", "--stage", stage, "--out", str(out), "--from", str(from_dir), *overrides,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -122,7 +129,7 @@ def run_both(work: Path, stage: str, from_dir: Path, overrides: list[str]) -> tu
     same records per step (accelerate hands consecutive per-process batches of the one seeded permutation to the
     processes in turn, so step k's 4 records are the single run's step k records)."""
     sharded, single = work / f"fsdp{stage}", work / f"single{stage}"
-    launch(FSDP_CPU, stage, sharded, from_dir, quick_args(work / "shapes", steps=STEPS, logging_steps=1,
+    launch(FSDP_LAUNCH, stage, sharded, from_dir, quick_args(work / "shapes", steps=STEPS, logging_steps=1,
                                                           per_device_train_batch_size=2) + overrides)  # fmt: skip
     train(stage, single, from_dir, quick_args(work / "shapes", steps=STEPS, logging_steps=1) + overrides)
     return sharded, single
@@ -181,3 +188,43 @@ def test_stage3_under_fsdp_matches_one_process(start, processor):
     figures = check_matches_single_process(sharded, single, processor)
     print("stage 3", figures)
     assert marker(sharded)["routing_probe"]["n_samples"] > 0
+
+
+def text_only_on_rank_1(shapes: Path, out: Path, n: int = 16) -> Path:
+    """A saved stage dataset whose records come in pairs, two with their image then two without: read in order
+    (`--train_sampling_strategy sequential`) in batches of 2 by 2 processes, rank 0 gets every captioned image and
+    rank 1 only text (accelerate hands out consecutive batches to the processes in turn). Checked on the ranks'
+    records, not assumed."""
+    from datasets import DatasetDict, load_from_disk
+
+    train = load_from_disk(str(shapes))["train"].select(range(n))
+    train = train.map(
+        lambda record, i: {"image": record["image"] if (i // 2) % 2 == 0 else None}, with_indices=True
+    )
+    DatasetDict({"train": train}).save_to_disk(str(out))
+    return out
+
+
+@pytest.mark.parametrize(
+    "launcher, stage",
+    [(FSDP_LAUNCH, "2"), (DDP_LAUNCH, "2"), (FSDP_LAUNCH, "1")],
+    ids=["fsdp-stage2", "ddp-stage2", "fsdp-stage1"],
+)
+def test_a_rank_without_image_tokens_finishes(start, launcher, stage):
+    """pytorch#158719: when one rank's batches hold no image token, the vision expert gets no gradient there (Stage 2;
+    in Stage 1 the trainable connector is not even run there); the run must finish (within the timeout), not hang in
+    a collective waiting for that gradient."""
+    work, shapes, stage1 = start
+    name = ("fsdp" if launcher is FSDP_LAUNCH else "ddp") + stage
+    data = text_only_on_rank_1(shapes, work / f"text_only_rank1_{name}")
+    out = work / f"no_image_{name}"
+    from_dir = stage1 if stage == "2" else work / "stage0"
+    overrides = ["--train_sampling_strategy", "sequential"]
+    args = quick_args(data, steps=STEPS, logging_steps=1, per_device_train_batch_size=2) + overrides
+    launch(launcher, stage, out, from_dir, args, timeout=150)
+    seen = {r["rank"]: r["tokens_seen"] for r in ranks(out)}
+    assert seen[1]["image"] == 0 and seen[1]["text"] > 0, seen  # rank 1 really trained on text alone
+    assert seen[0]["image"] == STEPS * 2 * 16, seen  # 2 records x 16 image tokens per step on rank 0
+    assert marker(out)["steps"] == STEPS and marker(out)["changed_params_check"]["ok"]
+    if launcher is FSDP_LAUNCH:
+        check_two_sharded_ranks(out)

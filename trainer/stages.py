@@ -71,6 +71,8 @@ class MoeVlmStageTrainer(Trainer):
         self.stage_args = stage_args
         self._staging_checkpoint = False  # set while `_save_checkpoint` writes under the staging folder
         self._step_batches: list = []  # the current optimizer step's micro-batches (`training_step`)
+        # The tokens this process trained on, by modality (not reduced): the rank record says what each process saw.
+        self.tokens_seen = {"image": 0, "text": 0}
         self.configure_model(model, stage_args)
         self.trainable_groups = list(stage_args.trainable)
         self.trainable_params = apply_trainable(model, self.trainable_groups)
@@ -239,6 +241,8 @@ class MoeVlmStageTrainer(Trainer):
     # ----- loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         track = self.is_moe and model.training
+        if model.training:
+            self.count_tokens(inputs)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch, output_router_logits=track)
         if track:
             self.routing.update(
@@ -254,6 +258,14 @@ class MoeVlmStageTrainer(Trainer):
                     self._router_losses[name].append(float(getattr(outputs, name).detach()))
         loss = self.scale_loss(outputs, num_items_in_batch) if model.training else outputs.loss
         return (loss, outputs) if return_outputs else loss
+
+    def count_tokens(self, inputs: dict) -> None:
+        """Add a training batch's non-padding tokens to `tokens_seen`: image placeholders and text."""
+        valid = inputs["attention_mask"].bool() if inputs.get("attention_mask") is not None else None
+        image = inputs["input_ids"] == self.model.config.image_token_id
+        valid = torch.ones_like(image) if valid is None else valid
+        self.tokens_seen["image"] += int((image & valid).sum())
+        self.tokens_seen["text"] += int((~image & valid).sum())
 
     def scale_loss(self, outputs, num_items_in_batch) -> torch.Tensor:
         """The LM loss over the accumulated (and, across processes, the global) batch plus the weighted router
