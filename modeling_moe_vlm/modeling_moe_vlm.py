@@ -441,7 +441,6 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
         self.post_init()
         self.freeze_vision_tower()
 
-    @can_return_tuple
     def _vision_side_trains(self) -> bool:
         """Whether a training forward must run the vision side even without images: some connector or tower
         parameter trains."""
@@ -461,6 +460,7 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
         features = self.get_image_features(blank, output_hidden_states=False, output_attentions=False)
         return 0.0 * features.pooler_output.to(inputs_embeds.dtype).sum()
 
+    @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling:
