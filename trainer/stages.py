@@ -260,7 +260,10 @@ class MoeVlmStageTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def count_tokens(self, inputs: dict) -> None:
-        """Add a training batch's non-padding tokens to `tokens_seen`: image placeholders and text."""
+        """Add a training batch's non-padding tokens to `tokens_seen`: image placeholders and text (a batch given as
+        embeddings has no ids to count)."""
+        if inputs.get("input_ids") is None:
+            return
         valid = inputs["attention_mask"].bool() if inputs.get("attention_mask") is not None else None
         image = inputs["input_ids"] == self.model.config.image_token_id
         valid = torch.ones_like(image) if valid is None else valid
