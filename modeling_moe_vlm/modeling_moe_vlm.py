@@ -17,6 +17,7 @@ experts are recorded by `OutputRecorder` hooks into the output dataclass (no mod
 """
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -440,6 +441,25 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
         self.post_init()
         self.freeze_vision_tower()
 
+    def _vision_side_trains(self) -> bool:
+        """Whether a training forward must run the vision side even without images: some connector or tower
+        parameter trains."""
+        if not (self.training and torch.is_grad_enabled()) or self.vision_tower is None:
+            return False
+        vision = itertools.chain(self.connector.parameters(), self.vision_tower.parameters())
+        return any(p.requires_grad for p in vision)
+
+    def _vision_side_in_graph(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """A zero that depends on every trainable vision-side parameter: one blank image through the tower and the
+        connector, times 0. A batch without images would otherwise leave them out of the graph, and under data
+        parallelism a rank whose batch holds no image then skips their gradient collective while the others enter it
+        (FSDP2 reduce-scatters the root's gradients in different sizes: gloo aborts with "Received data size doesn't
+        match expected size", NCCL hangs; pytorch#158719). Their gradient here is exactly 0."""
+        size = self.config.vision_config.image_size
+        blank = torch.zeros(1, 3, size, size, device=inputs_embeds.device)
+        features = self.get_image_features(blank, output_hidden_states=False, output_attentions=False)
+        return 0.0 * features.pooler_output.to(inputs_embeds.dtype).sum()
+
     @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
@@ -533,6 +553,8 @@ class MoeVlmModel(MoeVlmPreTrainedModel, MistralModel):
             raise ValueError(
                 f"input has {int(modality_mask.sum())} image placeholder tokens but no pixel_values; pass the images"
             )
+        elif self._vision_side_trains():
+            inputs_embeds = inputs_embeds + self._vision_side_in_graph(inputs_embeds)
 
         outputs = super().forward(
             inputs_embeds=inputs_embeds,

@@ -163,12 +163,22 @@ class CompactPrinterCallback(PrinterCallback):
 
 class ProcessInfoCallback(TrainerCallback):
     """Each process writes `<output_dir>/processes/rank-<r>.json` (rank, world size, backend, device) when
-    training starts: the record that a distributed run really ran as that many processes."""
+    training starts: the record that a distributed run really ran as that many processes, and, under FSDP2, that its
+    parameters really were sharded (`sharded_parameters`: how many are DTensor shards, `local_numel` / `full_numel`:
+    the elements this process holds of the model's total). When training ends, `tokens_seen` is added: the tokens this
+    process trained on by modality (`tokens_seen`, a dict the stage Trainer keeps, set by `run`), so a test can see
+    what each process's shard of the data really held."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / "processes"
-        folder.mkdir(parents=True, exist_ok=True)
-        info = {
+    def __init__(self):
+        self.tokens_seen: dict | None = None
+        self.info: dict = {}
+
+    def path(self, args) -> Path:
+        return Path(args.output_dir) / "processes" / f"rank-{args.process_index}.json"
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.path(args).parent.mkdir(parents=True, exist_ok=True)
+        self.info = {
             "rank": args.process_index,
             "local_rank": args.local_process_index,
             "world_size": args.world_size,
@@ -176,8 +186,26 @@ class ProcessInfoCallback(TrainerCallback):
             "device": str(args.device),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            **(_sharding(model) if model is not None else {}),
         }
-        (folder / f"rank-{args.process_index}.json").write_text(json.dumps(info, indent=1))
+        self.path(args).write_text(json.dumps(self.info, indent=1))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.tokens_seen is not None:
+            self.path(args).write_text(json.dumps({**self.info, "tokens_seen": self.tokens_seen}, indent=1))
+
+
+def _sharding(model) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    shards = [p for p in params if isinstance(p, DTensor)]
+    return {
+        "sharded_parameters": len(shards),
+        "n_parameters": len(params),
+        "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+        "full_numel": sum(p.numel() for p in params),
+    }
 
 
 def _backend() -> str | None:

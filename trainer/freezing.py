@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger("moe_vlm.trainer")
 
@@ -111,11 +112,13 @@ def apply_trainable(model: nn.Module, groups: Iterable[str]) -> list[str]:
 def fingerprints(model: nn.Module) -> dict[str, tuple[float, float]]:
     """A cheap per-parameter fingerprint (sum, L2 norm): identical for an untouched tensor, different (in practice)
     after any optimiser update. Used to check after training that exactly the trainable parameters changed without
-    keeping a copy of a 7B model."""
+    keeping a copy of a 7B model. Under FSDP2 a parameter is a sharded DTensor: its full value is gathered (a collective:
+    every process calls this at the same point), one parameter at a time."""
     out = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            values = param.detach().float()
+            values = param.detach()
+            values = (values.full_tensor() if isinstance(values, DTensor) else values).float()
             out[name] = (float(values.sum()), float(torch.linalg.vector_norm(values)))
     return out
 

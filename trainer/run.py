@@ -139,6 +139,7 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
     # The collator reads the raw columns (image, caption, conversations).
     training.remove_unused_columns = False
 
+    process_info = ProcessInfoCallback()
     trainer = trainer_class(
         model=model,
         args=training,
@@ -146,14 +147,16 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
         train_dataset=dataset,
         data_collator=MoeVlmCollator(processor, max_length=args.max_length),
         processing_class=processor,
-        callbacks=[ProcessInfoCallback(), *callbacks],
+        callbacks=[process_info, *callbacks],
     )
-    # Under FSDP / ZeRO-3 the parameters are sharded flat buffers: the per-parameter check does not apply.
-    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-    before = None if sharded else fingerprints(model)
+    process_info.tokens_seen = trainer.tokens_seen
+    # FSDP2 keeps every parameter under its own name (a DTensor shard, gathered by `fingerprints`); FSDP1 and ZeRO-3
+    # flatten them into shared buffers, where the per-parameter check does not apply.
+    flat = trainer.is_deepspeed_enabled or (trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2)
+    before = None if flat else fingerprints(model)
     result = trainer.train(resume_from_checkpoint=_resume_argument(training.resume_from_checkpoint))
-    if sharded:
-        check = {"skipped": "parameters are sharded (FSDP / DeepSpeed)"}
+    if flat:
+        check = {"skipped": "parameters are flattened into shared buffers (FSDP1 / DeepSpeed ZeRO-3)"}
     else:
         check = changed_params_check(before, fingerprints(model), trainer.trainable_params)
         if not check["ok"]:

@@ -41,6 +41,7 @@ from .divergence import diagnose, non_finite
 from .freezing import apply_trainable
 from .recipes import StageArguments
 from .routing_stats import PROBE_PREFIX, RoutingAccumulator, RoutingProbe, flatten
+from .sharding import enable_fsdp_on_cpu, fsdp_requested_on_cpu
 from .stage_dirs import CHECKPOINT_STAGING, discard_checkpoint
 
 # A router parameter's name, wherever a wrapper (FSDP, activation checkpointing) inserts a prefix: `...mlp.gate.weight`
@@ -70,6 +71,8 @@ class MoeVlmStageTrainer(Trainer):
         self.stage_args = stage_args
         self._staging_checkpoint = False  # set while `_save_checkpoint` writes under the staging folder
         self._step_batches: list = []  # the current optimizer step's micro-batches (`training_step`)
+        # The tokens this process trained on, by modality (not reduced): the rank record says what each process saw.
+        self.tokens_seen = {"image": 0, "text": 0}
         self.configure_model(model, stage_args)
         self.trainable_groups = list(stage_args.trainable)
         self.trainable_params = apply_trainable(model, self.trainable_groups)
@@ -105,6 +108,14 @@ class MoeVlmStageTrainer(Trainer):
         ):
             if self.pop_callback(plain) is not None:
                 self.add_callback(compact)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; on CPU processes launched with an FSDP config, with the FSDP plugin accelerate
+        dropped there (`trainer.sharding`), so the run shards instead of silently falling back to DDP."""
+        super().create_accelerator_and_postprocess()
+        if fsdp_requested_on_cpu(self.accelerator):
+            enable_fsdp_on_cpu(self.accelerator)
+            self.is_fsdp_enabled = True
 
     # ----- stage configuration ----------------------------------------------------------------------------------
     def router_mode(self, stage_args: StageArguments) -> str | None:
@@ -230,6 +241,8 @@ class MoeVlmStageTrainer(Trainer):
     # ----- loss -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         track = self.is_moe and model.training
+        if model.training:
+            self.count_tokens(inputs)
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch, output_router_logits=track)
         if track:
             self.routing.update(
@@ -245,6 +258,17 @@ class MoeVlmStageTrainer(Trainer):
                     self._router_losses[name].append(float(getattr(outputs, name).detach()))
         loss = self.scale_loss(outputs, num_items_in_batch) if model.training else outputs.loss
         return (loss, outputs) if return_outputs else loss
+
+    def count_tokens(self, inputs: dict) -> None:
+        """Add a training batch's non-padding tokens to `tokens_seen`: image placeholders and text (a batch given as
+        embeddings has no ids to count)."""
+        if inputs.get("input_ids") is None:
+            return
+        valid = inputs["attention_mask"].bool() if inputs.get("attention_mask") is not None else None
+        image = inputs["input_ids"] == self.model.config.image_token_id
+        valid = torch.ones_like(image) if valid is None else valid
+        self.tokens_seen["image"] += int((image & valid).sum())
+        self.tokens_seen["text"] += int((~image & valid).sum())
 
     def scale_loss(self, outputs, num_items_in_batch) -> torch.Tensor:
         """The LM loss over the accumulated (and, across processes, the global) batch plus the weighted router
