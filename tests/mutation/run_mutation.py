@@ -135,8 +135,10 @@ def keep_mutation(
 
 
 def _equivalents(path: Path = EQUIVALENT) -> list[dict]:
-    """The mutants explained as equivalent: `[[equivalent]] target, line (the source line's text, stripped),
-    operator, occurrence (optional), reason`. Matched by text, not line number, so edits elsewhere keep them."""
+    """The survivors explained: `[[equivalent]] target, line (the source line's text, stripped), operator ("*":
+    any), occurrence (optional), kind, reason`. kind "equivalent": the mutant behaves as the original on every
+    input; kind "choice": it changes a number that is a budget or a default, not a result (e.g. a chunk size).
+    Matched by text, not line number, so edits elsewhere keep them."""
     if not path.exists():
         return []
     return tomllib.loads(path.read_text()).get("equivalent", [])
@@ -150,10 +152,10 @@ def is_equivalent(
         if (
             e["target"] == target
             and e["line"] == line_text.strip()
-            and e["operator"] == operator
+            and e["operator"] in ("*", operator)
             and e.get("occurrence", occurrence) == occurrence
         ):
-            return e["reason"]
+            return f"{e['kind']}: {e['reason']}"
     return None
 
 
@@ -266,15 +268,15 @@ def rejudge(target: Target, out: Path) -> None:
 
 
 def summarise(target: Target, session: Path, equivalents: list[dict]) -> dict:
-    """Counts and survivors of one finished session. Score = killed / (killed + survived), with the mutants
-    `equivalent.toml` explains counted apart; incompetent mutants (the module no longer imports, a test errors
-    at collection) count as killed, as cosmic-ray counts them."""
+    """Counts and survivors of one finished session. Score = killed / (killed + survived), with the survivors
+    `equivalent.toml` explains counted apart (`explained`); incompetent mutants (the module no longer
+    imports, a test errors at collection) count as killed, as cosmic-ray counts them."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
     source = (session.parent / "tree" / target.module).read_text().splitlines()
-    counts = {"killed": 0, "survived": 0, "equivalent": 0, "pending": 0}
-    survivors, equivalent = [], []
+    counts = {"killed": 0, "survived": 0, "explained": 0, "pending": 0}
+    survivors, explained = [], []
     with use_db(str(session), WorkDB.Mode.open) as db:
         counts["pending"] = sum(1 for _ in db.pending_work_items)
         for item, result in db.completed_work_items:
@@ -295,8 +297,8 @@ def summarise(target: Target, session: Path, equivalents: list[dict]) -> dict:
             }
             reason = is_equivalent(target.name, line, m.operator_name, m.occurrence, equivalents)
             if result.test_outcome == TestOutcome.SURVIVED and reason:
-                counts["equivalent"] += 1
-                equivalent.append({**row, "reason": reason})
+                counts["explained"] += 1
+                explained.append({**row, "reason": reason})
             elif result.test_outcome == TestOutcome.SURVIVED:
                 counts["survived"] += 1
                 survivors.append(row)
@@ -311,7 +313,7 @@ def summarise(target: Target, session: Path, equivalents: list[dict]) -> dict:
         **counts,
         "score": counts["killed"] / judged if judged else None,
         "survivors": sorted(survivors, key=lambda r: r["line_no"]),
-        "equivalent_mutants": sorted(equivalent, key=lambda r: r["line_no"]),
+        "explained_survivors": sorted(explained, key=lambda r: r["line_no"]),
     }
 
 
@@ -322,25 +324,30 @@ def write_report(rows: list[dict], out: Path) -> dict:
         "score": killed / (killed + survived) if killed + survived else None,
         "killed": killed,
         "survived": survived,
-        "equivalent": sum(r["equivalent"] for r in rows),
+        "explained": (explained := sum(r["explained"] for r in rows)),
+        "score_counting_explained_as_survivors": killed / (killed + survived + explained)
+        if killed + survived + explained
+        else None,
         "pending": sum(r["pending"] for r in rows),
         "targets": rows,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     md = [
-        f"# Mutation testing: {report['score']:.1%} of non-equivalent mutants killed "
-        f"({killed} killed, {survived} survived, {report['equivalent']} equivalent, {report['pending']} pending)",
+        f"# Mutation testing: {report['score']:.1%} of the mutants not explained killed "
+        f"({killed} killed, {survived} survived, {explained} explained, {report['pending']} pending)",
         "",
-        "| target | module | killed | survived | equivalent | score |",
+        f"Counting the explained survivors too: {report['score_counting_explained_as_survivors']:.1%}.",
+        "",
+        "| target | module | killed | survived | explained | score |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         score = "n/a" if r["score"] is None else f"{r['score']:.1%}"
         md.append(
-            f"| {r['target']} | `{r['module']}` | {r['killed']} | {r['survived']} | {r['equivalent']} | {score} |"
+            f"| {r['target']} | `{r['module']}` | {r['killed']} | {r['survived']} | {r['explained']} | {score} |"
         )
     for r in rows:
-        for kind, key in (("Survivors", "survivors"), ("Equivalent", "equivalent_mutants")):
+        for kind, key in (("Survivors", "survivors"), ("Explained survivors", "explained_survivors")):
             if r[key]:
                 md += ["", f"## {kind}: {r['target']}", ""]
                 for s in r[key]:
