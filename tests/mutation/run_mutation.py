@@ -159,15 +159,16 @@ def is_equivalent(
     return None
 
 
-def _copy_tree(dest: Path) -> None:
-    """The working tree as git sees it (tracked and untracked-but-not-ignored files), without runs/ or venvs."""
+def _copy_tree(dest: Path, keep: str | None = None) -> None:
+    """The working tree as git sees it (tracked and untracked-but-not-ignored files), without runs/ or venvs;
+    `keep`, a path relative to the tree, is left as it is in `dest`."""
     listing = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO, capture_output=True, check=True,
     ).stdout.decode()  # fmt: skip
     for rel in filter(None, listing.split("\0")):
         src = REPO / rel
-        if src.is_file():
+        if src.is_file() and rel != keep:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
 
@@ -248,7 +249,8 @@ def _limit_session(session: Path, limit: int) -> None:
 def rejudge(target: Target, out: Path) -> None:
     """Sends the survivors of a finished session back to pending and refreshes the tree copy's files (the new
     tests), so the next `exec` judges them again with today's tests; killed mutants stay killed (a test
-    that was added does not un-kill them)."""
+    that was added does not un-kill them). The mutated module itself stays as the session made its mutants
+    from (their positions and occurrence numbers refer to it); when it has changed since, the run says so."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome
 
@@ -256,7 +258,9 @@ def rejudge(target: Target, out: Path) -> None:
     session = work / "session.sqlite"
     if not session.exists():
         return
-    _copy_tree(work / "tree")
+    _copy_tree(work / "tree", keep=target.module)
+    if (work / "tree" / target.module).read_text() != (REPO / target.module).read_text():
+        print(f"{target.name}: {target.module} changed since its session; delete {work} for fresh mutants")
     _write_config(target, work)  # today's test list
     with use_db(str(session), WorkDB.Mode.open) as db:
         survived = [
