@@ -59,8 +59,23 @@ def test_only_allowed_operators_in_scope_are_kept():
 
 
 def test_equivalents_match_by_target_text_and_operator():
-    entries = [{"target": "t", "line": "return -b", "operator": "core/NumberReplacer", "reason": "why"}]
-    assert run_mutation.is_equivalent("t", "    return -b  ", "core/NumberReplacer", 3, entries) == "why"
+    entries = [
+        {
+            "target": "t",
+            "line": "return -b",
+            "operator": "core/NumberReplacer",
+            "kind": "equivalent",
+            "reason": "why",
+        },
+        {"target": "t", "line": "x = 32 * 2**20", "operator": "*", "kind": "choice", "reason": "a budget"},
+    ]
+    assert (
+        run_mutation.is_equivalent("t", "    return -b  ", "core/NumberReplacer", 3, entries)
+        == "equivalent: why"
+    )
+    assert run_mutation.is_equivalent(
+        "t", "x = 32 * 2**20", "core/ReplaceBinaryOperator_Pow_Mul", 0, entries
+    ) == ("choice: a budget")
     assert run_mutation.is_equivalent("u", "return -b", "core/NumberReplacer", 3, entries) is None
     assert run_mutation.is_equivalent("t", "return b", "core/NumberReplacer", 3, entries) is None
 
@@ -77,6 +92,6 @@ def test_every_target_exists_and_every_equivalent_names_a_real_line():
         assert files and all((REPO / f).is_file() for f in files), target.tests
     by_name = {t.name: t for t in targets}
     for entry in run_mutation._equivalents():
-        assert entry["reason"].strip(), entry
+        assert entry["reason"].strip() and entry["kind"] in ("equivalent", "choice"), entry
         text = (REPO / by_name[entry["target"]].module).read_text()
         assert entry["line"] in {line.strip() for line in text.splitlines()}, entry
