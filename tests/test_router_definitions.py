@@ -4,6 +4,8 @@ the specialisation loss, the modality term with dropout on the router's input)."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -55,10 +57,11 @@ def test_the_modality_term_decides_with_router_dropout_in_training(dropout_on):
 
 
 def test_softmax_top2_weights_are_renormalised_and_top1_keeps_the_probability():
+    """Three experts: with two, a top-2 of the probabilities sums to 1 before any renormalisation."""
     hidden = torch.randn(5, tiny_config().hidden_size)
     is_image = torch.zeros(5, dtype=torch.bool)
     for k in (1, 2):
-        router = MoeVlmRouter(tiny_config(router_mode="softmax", num_experts_per_tok=k)).eval()
+        router = MoeVlmRouter(tiny_config(router_mode="softmax", num_experts=3, num_experts_per_tok=k)).eval()
         torch.nn.init.normal_(router.weight)
         logits, weights, index = router(hidden, is_image)
         probs = logits.softmax(-1).gather(-1, index)
@@ -122,3 +125,15 @@ def test_invert_sends_every_token_to_the_next_expert():
     router.invert = True
     _, _, inverted = router(hidden, is_image)
     assert torch.equal(inverted, (index + 1) % 3)
+
+
+def test_the_entropy_floor_of_a_saturated_router_is_finite():
+    """Logits 200 apart: the losing expert's probability underflows to exactly 0 in float32, and 0 * log 0 must
+    count as 0 in the entropy."""
+    cfg = tiny_config(router_entropy_floor=0.5)
+    logits = torch.tensor([[100.0, -100.0]]).repeat(4, 1)
+    assert logits.softmax(-1)[0, 1] == 0
+    terms = router_losses(
+        (logits,), (logits.argmax(-1, keepdim=True),), torch.zeros(1, 4, dtype=torch.bool), None, cfg
+    )
+    torch.testing.assert_close(terms["entropy_floor_loss"], torch.tensor(0.5 * math.log(2)))
