@@ -9,10 +9,25 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import make_shapes, make_stage0, quick_args, train
+from transformers import TrainerCallback
 
 from configuration.contract import ADAPTER_WEIGHTS_FILE, COMPLETION_MARKER
 from moe_vlm_cli import main
-from test_train import make_shapes, make_stage0, quick_args
+
+
+class ParamsAtStartAndEnd(TrainerCallback):
+    def __init__(self, store: dict):
+        self.store = store
+
+    def _keep(self, key, model):
+        self.store[key] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._keep("start", model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._keep("end", model)
 
 
 def cli_train(stage, out, from_dir, shapes, *extra, steps=4):
@@ -36,9 +51,14 @@ def dirs(tmp_path_factory):
     d = {"shapes": shapes, "0": make_stage0(work / "stage0")}
     assert cli_train("1", work / "stage1", d["0"], shapes, steps=2) == 0
     d["1"] = work / "stage1"
+    lora = ["--lora_r", "4", "--lora_alpha", "8"]
+    d["lora2"] = work / "lora2"
+    assert cli_train("2", d["lora2"], d["1"], shapes, *lora) == 0
+    # Stage 3 through `trainer.run.run` (what the CLI calls), with a callback that keeps every parameter of the
+    # model the Trainer trains at its start and end.
+    d["lora3"], d["params3"] = work / "lora3", {}
+    train("3", d["lora3"], d["1"], quick_args(shapes) + lora, callbacks=[ParamsAtStartAndEnd(d["params3"])])
     for stage in ("2", "3"):
-        d[f"lora{stage}"] = work / f"lora{stage}"
-        assert cli_train(stage, d[f"lora{stage}"], d["1"], shapes, "--lora_r", "4", "--lora_alpha", "8") == 0
         d[f"merged{stage}"] = work / f"merged{stage}"
         assert main(["merge", "--adapter", str(d[f"lora{stage}"]), "--out", str(d[f"merged{stage}"])]) == 0
     return d
@@ -77,6 +97,20 @@ def test_a_lora_stage_changes_only_its_adapters(dirs, stage):
     assert set(merged) == set(base)
     changed = {group_of(name) for name in base if not torch.equal(base[name], merged[name])}
     assert changed == set(targets) | set(full), changed
+
+
+def test_every_base_weight_is_exactly_unchanged_and_every_adapter_moved(dirs):
+    start, end = dirs["params3"]["start"], dirs["params3"]["end"]
+    adapters = {n for n in start if "lora_" in n}
+    full = {n for n in start if ".modules_to_save." in n}
+    assert adapters and full  # experts / attention adapters; the router's trained copy
+    for name in start:
+        if name in adapters:
+            if "lora_B" in name:  # A starts random, B at zero: the update B A starts at zero and must move
+                assert not torch.equal(start[name], end[name]), name
+        elif name not in full:
+            assert torch.equal(start[name], end[name]), name
+    assert any(not torch.equal(start[n], end[n]) for n in full)
 
 
 def test_the_merged_model_computes_the_adapter_models_logits(dirs, processor, red_image):
