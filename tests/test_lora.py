@@ -160,3 +160,22 @@ def test_bad_lora_settings_are_refused_naming_the_field(dirs, tmp_path, capsys, 
 def test_a_stage_cannot_start_from_an_adapter_directory(dirs, tmp_path, capsys):
     assert cli_train("3", tmp_path / "out", dirs["lora2"], dirs["shapes"]) == 2
     assert "moe-vlm merge --adapter" in capsys.readouterr().err
+
+
+def test_the_paper_lora_recipe_keeps_stage_3_and_adds_adapters(tmp_path):
+    from trainer.recipes import parse_recipe, recipe_path
+
+    lora = parse_recipe(
+        "3",
+        tmp_path,
+        recipe=str(recipe_path("3", "paper").with_name("stage3_lora.yaml")),
+        overrides=["--use_cpu", "true"],
+    )
+    full = parse_recipe("3", tmp_path, recipe="paper", overrides=["--use_cpu", "true"])
+    assert (lora.stage.lora_r, lora.stage.lora_alpha, lora.stage.lora_targets) == (
+        64,
+        128,
+        ["experts", "attention"],
+    )
+    assert lora.stage.trainable == full.stage.trainable and lora.stage.router_mode == full.stage.router_mode
+    assert lora.stage.router_aux_loss_coef == 0.0
