@@ -25,6 +25,10 @@ ROUTING_LOG_FILE = "routing_stats.jsonl"
 PROBE_CHOICES_FILE = "routing_probe_choices.jsonl"
 # The condensed routing log of a stage chain that `moe-vlm publish` puts in the Hub repo (hub.stats builds it).
 ROUTING_SUMMARY_FILE = "routing_stats.json"
+# A LoRA stage (`--lora_r`) saves PEFT's adapter in its directory instead of the whole model: these two files
+# (PEFT's own names), which `moe-vlm merge` folds into a plain model; the completion marker's `adapter` entry says so.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 # What `moe-vlm analyze` and `moe-vlm evaluate` write.
 ANALYSIS_FILE = "analysis.json"
 CAPTIONING_FILE = "captioning.json"
@@ -49,6 +53,8 @@ def cache_root() -> Path:
 
 
 __all__ = [
+    "ADAPTER_CONFIG_FILE",
+    "ADAPTER_WEIGHTS_FILE",
     "ANALYSIS_FILE",
     "CACHE_ENV",
     "CAPTIONING_FILE",

@@ -24,6 +24,8 @@ PACKAGES = (
     "benchmarks",
 )
 FILE_NAMES = {
+    contract.ADAPTER_CONFIG_FILE,
+    contract.ADAPTER_WEIGHTS_FILE,
     contract.COMPLETION_MARKER,
     contract.RECIPE_FILE,
     contract.ROUTING_LOG_FILE,

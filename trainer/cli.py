@@ -1,4 +1,5 @@
 """`moe-vlm train`: one stage of the protocol (pretraining, upcycling, Stages 1–3, the dense control), and
+`moe-vlm merge`: a LoRA stage's adapter folded into a plain model, and
 `moe-vlm init`: Stage 0 alone, an upcycled model from a dense Mistral (random tiny, a path or a Hub id).
 
     moe-vlm train --stage {pretrain,0,1,2,2.5,3,dense} --out DIR [--from DIR] [--recipe FILE|tiny|paper]
@@ -62,6 +63,12 @@ def _cmd_init(args) -> None:
     print(f"wrote an upcycled {args.preset} model to {out}")
 
 
+def _cmd_merge(args) -> None:
+    from .lora import merge_adapter
+
+    print(f"merged {args.adapter} -> {merge_adapter(args.adapter, args.out)}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="Stage 0: upcycle a dense Mistral into the 2-expert MoE VLM and save it")
     p.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
@@ -75,6 +82,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-pickle", "--allow_pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser(
+        "merge", help="fold a LoRA stage's adapter (`train --lora_r`) into a plain model directory"
+    )
+    p.add_argument("--adapter", required=True, help="the LoRA stage's output directory")
+    p.add_argument("--out", required=True, help="output model directory (a stage directory)")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser(
         "train",

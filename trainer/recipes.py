@@ -218,6 +218,25 @@ class StageArguments:
             "help": "keep the checkpoint-* folders once the stage has finished (they serve to resume it)"
         },
     )
+    lora_r: int | None = field(
+        default=None,
+        metadata={
+            "help": "train PEFT LoRA adapters of this rank instead of the full weights (unset: no LoRA); the "
+            "stage directory then holds the adapter, `moe-vlm merge` folds it into a plain model"
+        },
+    )
+    lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LoRA scaling numerator (update = alpha / r * B A; unset: 2 * lora_r)"},
+    )
+    lora_targets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "groups of the stage's trainable set that get adapters: experts (target_parameters on the "
+            "stacked gate_up_proj / down_proj), attention, connector (target_modules); the rest of the trainable "
+            "set trains fully (default: experts and attention, where the stage trains them)"
+        },
+    )
     model_dtype: str = field(
         default="float32", metadata={"help": "dtype the model is loaded in (mixed precision: set bf16 too)"}
     )
@@ -225,6 +244,7 @@ class StageArguments:
     def __post_init__(self):
         from .data.errors import check_on_error
         from .data.images import check_verify
+        from .lora import check_lora_fields
 
         check_stage(self.stage)
         check_on_error(self.on_error)
@@ -238,6 +258,9 @@ class StageArguments:
             self.routing_probe_split = None
         if self.routing_probe_samples < 1:
             raise ValueError(f"routing_probe_samples must be >= 1, got {self.routing_probe_samples}")
+        if self.lora_targets:  # `--lora_targets experts,attention` or `experts attention`
+            self.lora_targets = [t for item in self.lora_targets for t in str(item).split(",") if t]
+        check_lora_fields(self.lora_r, self.lora_alpha, self.lora_targets)
         embedded = embedded_recipe(self.stage)
         for name in STAGE_CHOSEN_FIELDS:
             if not getattr(self, name) and name in embedded:  # unset (or empty, as `x or default` treated it)

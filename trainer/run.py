@@ -190,6 +190,8 @@ def run_training_stage(recipe: Recipe, callbacks=()) -> Path:
                 **({"data": data_summary(data_stats)} if data_stats is not None else {}),
                 "world_size": training.world_size,
                 "changed_params_check": check,
+                # A LoRA run: the directory holds PEFT's adapter over `from`, not a model (`moe-vlm merge`).
+                **({"adapter": trainer.adapter} if trainer.adapter is not None else {}),
                 **({"routing_probe": probe.info()} if probe is not None else {}),
             },
         )

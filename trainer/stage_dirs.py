@@ -117,6 +117,11 @@ def check_start(stage: str, from_dir: str | Path | None, out: str | Path) -> dic
                 f"{from_dir} is a Stage {previous} output; Stage 0 starts from the pretraining output"
             )
         return marker
+    if marker.get("adapter"):
+        raise ValueError(
+            f"{from_dir} holds a LoRA adapter, not a model: `moe-vlm merge --adapter {from_dir} --out DIR` writes "
+            "the plain model to start from"
+        )
     config_path = from_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     what = f"{from_dir} (Stage {previous})"

@@ -76,6 +76,17 @@ class MoeVlmStageTrainer(Trainer):
         self.configure_model(model, stage_args)
         self.trainable_groups = list(stage_args.trainable)
         self.trainable_params = apply_trainable(model, self.trainable_groups)
+        # LoRA (`--lora_r`): adapters on the trainable groups `lora_targets` names, the rest of the set trains fully;
+        # `model` is edited in place (its parameter names then say base_layer / lora_A / modules_to_save).
+        self.adapter = None
+        if stage_args.lora_r is not None:
+            from .lora import apply_lora
+
+            peft_model, self.trainable_params, self.adapter = apply_lora(
+                model, self.trainable_groups, stage_args
+            )
+            self.lora_base = model
+            model = peft_model
         self.is_moe = bool(getattr(model.config, "moe_layers", None))
         self.routing = (
             RoutingAccumulator(model.config.moe_layers, model.config.num_experts) if self.is_moe else None
