@@ -7,7 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.load import expert_load, routing_dynamics
+from analysis.load import (
+    HARD_COLLAPSE_THRESHOLD,
+    SOFT_COLLAPSE_THRESHOLD,
+    collapse_definitions,
+    expert_load,
+    routing_dynamics,
+)
 
 
 def test_column_choices_are_the_same_as_flat_ones():
@@ -52,3 +58,24 @@ def test_choices_outside_the_experts_and_logits_of_another_shape_are_refused():
     assert expert_load(choices, probs=probs, logits=np.zeros((3, 2)))["n_tokens"] == 3
     with pytest.raises(ValueError, match="logits"):
         expert_load(choices, probs=probs, logits=np.zeros((3, 3)))
+
+
+def test_float_choices_and_probs_that_are_not_probabilities_are_refused():
+    with pytest.raises(ValueError, match="integer expert indices"):
+        expert_load(np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="sum to 1"):
+        expert_load(np.array([0, 1]), probs=np.array([[0.9, 0.6], [0.5, 0.5]]))
+
+
+def test_collapse_definitions_without_a_load_block_use_the_defaults():
+    assert (
+        collapse_definitions(None)
+        == collapse_definitions({})
+        == collapse_definitions(
+            {
+                "collapse_threshold": HARD_COLLAPSE_THRESHOLD,
+                "soft_collapse_threshold": SOFT_COLLAPSE_THRESHOLD,
+            }
+        )
+    )
+    assert "90%" in collapse_definitions({"collapse_threshold": 0.9})[0]
