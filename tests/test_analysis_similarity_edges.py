@@ -8,6 +8,7 @@ import pytest
 from analysis.similarity import (
     concept_matrices,
     cosine_matrix,
+    group_concepts,
     masked_mean,
     offset_decomposition,
     pool_concepts,
@@ -55,3 +56,36 @@ def test_offset_shares_of_a_small_matrix_and_of_a_constant_one():
         0,
         0,
     )
+
+
+def test_shapes_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError, match=r"hidden must be \(B, T, D\)"):
+        masked_mean(np.ones((2, 3)), np.ones((2, 3), dtype=bool))
+    with pytest.raises(ValueError, match=r"mask \(B, T\)"):
+        masked_mean(np.ones((2, 3, 4)), np.ones((2, 4), dtype=bool))
+    with pytest.raises(ValueError, match="matching"):
+        concept_matrices(np.ones((2, 3, 4)), np.ones((2, 3, 5)))
+    with pytest.raises(ValueError, match="matching"):
+        concept_matrices(np.ones((3, 4)), np.ones((3, 4)))
+    for bad in (np.ones((2, 3)), np.ones((2, 2, 2))):
+        with pytest.raises(ValueError, match="square"):
+            offset_decomposition(bad)
+
+
+def test_a_pure_row_offset_and_a_pure_column_offset():
+    a = np.array([1.0, -2.0, 0.5])[:, None] * np.ones((1, 3))  # M[i, j] = a_i
+    rows = offset_decomposition(a)
+    assert (rows["row_share"], rows["column_share"]) == (pytest.approx(1.0), pytest.approx(0.0))
+    cols = offset_decomposition(a.T)
+    assert (cols["row_share"], cols["column_share"]) == (pytest.approx(0.0), pytest.approx(1.0))
+    assert cols["offset_share"] == pytest.approx(1.0) and cols["residual_share"] == pytest.approx(0.0)
+
+
+def test_group_concepts_takes_each_concepts_first_samples_in_order():
+    hidden = np.arange(7, dtype=float)[:, None]  # sample i has state [i]
+    ids = [1, 0, 1, 0, 2, 1, 2]
+    grouped = group_concepts(hidden, ids, num_concepts=3)  # the smallest concept has 2 samples
+    assert grouped[..., 0].tolist() == [[1, 3], [0, 2], [4, 6]]
+    assert group_concepts(hidden, ids, 3, n_per_concept=1)[..., 0].tolist() == [[1], [0], [4]]
+    with pytest.raises(ValueError, match=r"fewer than 3 samples: \[0, 2\]"):
+        group_concepts(hidden, ids, 3, n_per_concept=3)

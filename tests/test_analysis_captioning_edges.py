@@ -1,0 +1,22 @@
+"""Edges of the COCO caption scoring (`analysis.captioning`) that `make mutation` found untested. Without METEOR:
+no JVM beyond the PTB tokenizer's."""
+
+from __future__ import annotations
+
+from analysis.captioning import caption_metrics
+
+
+def test_one_image_gets_the_cider_note_and_per_image_scores_only_on_request():
+    one = caption_metrics({"a": "a red circle"}, {"a": ["a red circle"]}, meteor=False)
+    assert any("single image" in note for note in one["notes"]) and "per_image" not in one
+    two = caption_metrics(
+        {"a": "a red circle", "b": "two stars"},
+        {"a": ["a red circle"], "b": ["two blue stars"]},
+        meteor=False,
+        per_image=True,
+    )
+    assert not any("single image" in note for note in two["notes"])
+    assert (
+        set(two["per_image"]) == {"a", "b"}
+        and two["per_image"]["a"]["Bleu_1"] > two["per_image"]["b"]["Bleu_1"]
+    )
