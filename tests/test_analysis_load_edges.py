@@ -79,3 +79,9 @@ def test_collapse_definitions_without_a_load_block_use_the_defaults():
         )
     )
     assert "90%" in collapse_definitions({"collapse_threshold": 0.9})[0]
+
+
+def test_a_layer_without_all_token_statistics_has_no_collapse_at_the_end():
+    records = [{"step": 10, "layers": {"0": {"image": {"dispatch": [1.0, 0.0], "prob": [1.0, 0.0]}}}}]
+    onset = routing_dynamics(records)["collapse"]["train"]["0"]["hard"]
+    assert onset == {"first_step": None, "expert": None, "at_end": False, "n_collapsed_logs": 0}

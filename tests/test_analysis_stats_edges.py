@@ -140,3 +140,28 @@ def test_samples_of_the_wrong_rank_or_shapes_are_refused():
     ):
         with pytest.raises(ValueError, match=message):
             bootstrap_ci(v, t, n_boot=5)
+
+
+def test_each_visual_sample_is_drawn_with_equal_chance():
+    """Two concepts, two visual samples each: concept 0's mean hits its caption only when both draws are its
+    sample 0 (probability 1/4 under uniform resampling); one draw of each ties, which is no hit."""
+    e0, e1 = np.eye(2)
+    visual = np.stack([np.stack([e0, e1]), np.stack([e1, e1])])  # (C=2, N_v=2, D=2)
+    textual = np.stack([e0[None], e1[None]])  # (C=2, N_t=1, D=2)
+    r = bootstrap_ci(visual, textual, n_boot=4000, seed=0)
+    assert abs(r["hit_rate_per_concept"][0] - 0.25) < 0.03, r["hit_rate_per_concept"]
+
+
+def test_the_percentile_interval_reads_the_two_tail_quantiles(monkeypatch):
+    import analysis.stats as stats
+
+    asked = []
+    quantile = stats.np.quantile
+
+    def recording(values, q, *args, **kwargs):
+        asked.append(round(float(q), 12))
+        return quantile(values, q, *args, **kwargs)
+
+    monkeypatch.setattr(stats.np, "quantile", recording)
+    bootstrap_ci(*_samples(), n_boot=50, ci=0.9)
+    assert sorted(set(asked)) == [0.05, 0.95]
