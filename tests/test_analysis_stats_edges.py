@@ -105,9 +105,14 @@ def test_the_basic_interval_reflects_the_percentile_one_about_the_observed_margi
 
 
 def test_diagonal_tests_give_k_over_n_with_its_interval():
-    r = diagonal_tests(*_samples(), center=False, n_permutations=20, n_boot=40)
-    assert r["k"] > 0 and r["k_over_n"] == r["k"] / r["n"]
-    assert r["k_over_n_ci"] == [r["bootstrap"]["k_ci"][0] / r["n"], r["bootstrap"]["k_ci"][1] / r["n"]]
+    rng = np.random.default_rng(3)
+    concepts = rng.normal(size=(4, 1, 16))
+    noisy = (concepts + 2.0 * rng.normal(size=(4, 6, 16)), concepts + 2.0 * rng.normal(size=(4, 5, 16)))
+    r = diagonal_tests(*noisy, center=False, n_permutations=20, n_boot=200)
+    low, high = r["bootstrap"]["k_ci"]
+    assert 0 < r["k"] and low < high  # an interval that is not one point
+    assert r["k_over_n"] == r["k"] / r["n"]
+    assert r["k_over_n_ci"] == [low / r["n"], high / r["n"]]
 
 
 def test_the_documented_defaults():
