@@ -3,7 +3,7 @@ no JVM beyond the PTB tokenizer's."""
 
 from __future__ import annotations
 
-from analysis.captioning import caption_metrics
+from analysis.captioning import CaptionEvaluator, caption_metrics
 
 
 def test_one_image_gets_the_cider_note_and_per_image_scores_only_on_request():
@@ -20,3 +20,13 @@ def test_one_image_gets_the_cider_note_and_per_image_scores_only_on_request():
         set(two["per_image"]) == {"a", "b"}
         and two["per_image"]["a"]["Bleu_1"] > two["per_image"]["b"]["Bleu_1"]
     )
+
+
+def test_an_evaluator_gives_per_image_scores_only_on_request():
+    with CaptionEvaluator(meteor=False) as evaluator:
+        predictions, references = (
+            {"a": "a red circle", "b": "two stars"},
+            {"a": ["a red circle"], "b": ["two stars"]},
+        )
+        assert "per_image" not in evaluator.evaluate(predictions, references)
+        assert set(evaluator.evaluate(predictions, references, per_image=True)["per_image"]) == {"a", "b"}
