@@ -262,9 +262,20 @@ def rejudge(target: Target, out: Path) -> None:
     if (work / "tree" / target.module).read_text() != (REPO / target.module).read_text():
         print(f"{target.name}: {target.module} changed since its session; delete {work} for fresh mutants")
     _write_config(target, work)  # today's test list
+    source = (work / "tree" / target.module).read_text().splitlines()
+    equivalents = _equivalents()
+
+    def explained(item) -> bool:  # an explained survivor stays explained
+        m = item.mutations[0]
+        return is_equivalent(
+            target.name, source[m.start_pos[0] - 1], m.operator_name, m.occurrence, equivalents
+        )
+
     with use_db(str(session), WorkDB.Mode.open) as db:
         survived = [
-            item.job_id for item, r in db.completed_work_items if r.test_outcome == TestOutcome.SURVIVED
+            item.job_id
+            for item, r in db.completed_work_items
+            if r.test_outcome == TestOutcome.SURVIVED and not explained(item)
         ]
     # cosmic-ray's WorkDB has no "forget a result": its table `work_results` is keyed by job_id.
     with sqlite3.connect(session) as conn:
