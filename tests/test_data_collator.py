@@ -189,10 +189,16 @@ def test_truncation(processor64):
         [{"id": "long", "image": _img(), "caption": long_caption}]
     )
     assert ok["input_ids"].shape[1] == 80 and ok["modality_mask"].sum() == 64
-    with pytest.raises(DataError, match=r"record 'cut'.*truncation would cut the image"):
-        MoeVlmCollator(processor64, max_length=40)(
-            [{"id": "cut", "image": _img(), "caption": "A red circle."}]
-        )
+    record = {"id": "cut", "image": _img(), "caption": "A red circle."}
+    full = MoeVlmCollator(processor64)
+    ids = full.encode(record).input_ids
+    last_image = max(i for i, t in enumerate(ids) if t == full.image_token_id)
+    with pytest.raises(
+        DataError,
+        match=rf"record 'cut'.*truncation would cut the image: the sample has {len(ids)} tokens, its image "
+        rf"placeholders end at position {last_image} and max_length is 40",
+    ):
+        MoeVlmCollator(processor64, max_length=40)([record])
 
 
 @pytest.mark.parametrize(
