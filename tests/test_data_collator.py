@@ -277,3 +277,36 @@ def test_non_rgb_images_are_converted_with_a_log(collator, caplog):
         images=[Image.new("RGB", (64, 64), "white")], return_tensors="pt"
     )
     assert torch.allclose(batch["pixel_values"][1], white["pixel_values"][0], atol=1e-5)
+
+
+def test_a_prompt_is_the_conversation_up_to_its_last_question(collator):
+    question = [
+        {"from": "human", "value": "<image>\nWhat colour is it?"},
+        {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "And the shape?"},
+    ]
+    asked = collator.prompt_ids({"image": _img(), "conversations": question})[0]
+    answered = collator.prompt_ids(
+        {"image": _img(), "conversations": [*question, {"from": "gpt", "value": "A circle."}]}
+    )
+    assert asked == answered[0]
+    shorter = collator.prompt_ids({"image": _img(), "conversations": question[:1]})[0]
+    assert len(shorter) < len(asked)  # the last question was kept, not dropped
+
+
+def test_an_unnamed_record_is_named_by_its_position(collator):
+    with pytest.raises(DataError, match="record '#0'"):
+        collator.prompt_ids({"conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]})
+    with pytest.raises(DataError, match="record '#3'"):
+        collator.prompt_ids({"conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}, 3)
+
+
+def test_truncation_keeps_the_image_only_when_its_last_placeholder_fits(processor64):
+    record = {"id": "edge", "image": _img(), "caption": "A red circle and more words. " * 4}
+    full = MoeVlmCollator(processor64)
+    ids = full.encode(record).input_ids
+    last_image = max(i for i, t in enumerate(ids) if t == full.image_token_id)
+    kept = MoeVlmCollator(processor64, max_length=last_image + 1)([record])
+    assert kept["modality_mask"].sum() == 64
+    with pytest.raises(DataError, match="truncation would cut the image"):
+        MoeVlmCollator(processor64, max_length=last_image)([record])
