@@ -3,7 +3,7 @@ no JVM beyond the PTB tokenizer's."""
 
 from __future__ import annotations
 
-from analysis.captioning import CaptionEvaluator, caption_metrics
+from analysis.captioning import METRICS, CaptionEvaluator, caption_metrics
 
 
 def test_one_image_gets_the_cider_note_and_per_image_scores_only_on_request():
@@ -30,3 +30,23 @@ def test_an_evaluator_gives_per_image_scores_only_on_request():
         )
         assert "per_image" not in evaluator.evaluate(predictions, references)
         assert set(evaluator.evaluate(predictions, references, per_image=True)["per_image"]) == {"a", "b"}
+
+
+def test_which_recipes_trained_on_conversations():
+    from analysis.captioning import _trained_on_conversations
+
+    assert _trained_on_conversations({"stage": 3}) and _trained_on_conversations({"stage": "3"})
+    assert not _trained_on_conversations({"stage": 2})
+    assert _trained_on_conversations({"stage": 2, "train_split": "instruct"})
+    assert not _trained_on_conversations({"stage": 3, "train_split": "train"})
+    assert _trained_on_conversations({"stage": 1, "dataset": "llava"})
+
+
+def test_the_metrics_are_coco_captions_and_meteor_is_on_by_default():
+    fast = caption_metrics({"a": "a red circle", "b": "two stars"}, {"a": ["a red circle"], "b": ["two stars"]},
+                           meteor=False)  # fmt: skip
+    assert set(METRICS) <= set(fast) and fast["METEOR"] is None and "Bleu_5" not in fast
+    full = caption_metrics(
+        {"a": "a red circle", "b": "two stars"}, {"a": ["a red circle"], "b": ["two stars"]}
+    )
+    assert full["METEOR"] is not None and all(full[m] is not None for m in METRICS)

@@ -310,3 +310,38 @@ def test_truncation_keeps_the_image_only_when_its_last_placeholder_fits(processo
     assert kept["modality_mask"].sum() == 64
     with pytest.raises(DataError, match="truncation would cut the image"):
         MoeVlmCollator(processor64, max_length=last_image)([record])
+
+
+def test_a_caption_that_is_not_text_is_named_as_such(collator):
+    with pytest.raises(DataError, match="bad field: 'caption' must be text, got int"):
+        collator([{"id": "n", "image": _img(), "caption": 5}])
+    with pytest.raises(DataError, match="not valid Unicode"):
+        collator([{"id": "s", "image": _img(), "caption": "A red \ud800 circle."}])
+    with pytest.raises(DataError, match="empty caption"):
+        collator([{"id": "e", "image": _img(), "caption": None}])
+
+
+def test_padding_uses_the_tokenizers_pad_token(processor64):
+    import copy
+
+    processor = copy.deepcopy(processor64)
+    processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    pad = processor.tokenizer.pad_token_id
+    assert pad not in (None, 0)
+    batch = MoeVlmCollator(processor)(
+        [
+            {"image": _img(), "caption": "A red circle."},
+            {"image": _img(), "caption": "A red circle and two stars."},
+        ]
+    )
+    assert batch["input_ids"][0, -1] == pad and batch["attention_mask"][0, -1] == 0
+
+
+def test_truncation_warns_only_when_no_answer_token_is_left(processor64, caplog):
+    record = {"id": "w", "image": _img(), "caption": "A red circle."}
+    prompt = 1 + 64 + len(MoeVlmCollator(processor64).newline_ids)  # <s>, the image, the newline
+    with caplog.at_level(logging.WARNING, logger="moe_vlm.trainer"):
+        MoeVlmCollator(processor64, max_length=prompt + 1)([record])
+        assert "no answer token is left" not in caplog.text
+        MoeVlmCollator(processor64, max_length=prompt)([record])
+    assert "record w: after truncation to" in caplog.text and "no answer token is left" in caplog.text

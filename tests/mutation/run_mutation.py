@@ -289,8 +289,11 @@ def summarise(target: Target, session: Path, equivalents: list[dict]) -> dict:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
-    source = (session.parent / "tree" / target.module).read_text().splitlines()
     counts = {"killed": 0, "survived": 0, "explained": 0, "pending": 0}
+    base = {"target": target.name, "module": target.module, "scope": target.scope, "tests": target.tests}
+    if not session.exists():  # not started (an interrupted `make mutation` continues with it)
+        return {**base, **counts, "started": False, "score": None, "survivors": [], "explained_survivors": []}
+    source = (session.parent / "tree" / target.module).read_text().splitlines()
     survivors, explained = [], []
     with use_db(str(session), WorkDB.Mode.open) as db:
         counts["pending"] = sum(1 for _ in db.pending_work_items)
@@ -321,11 +324,9 @@ def summarise(target: Target, session: Path, equivalents: list[dict]) -> dict:
                 counts["killed"] += 1
     judged = counts["killed"] + counts["survived"]
     return {
-        "target": target.name,
-        "module": target.module,
-        "scope": target.scope,
-        "tests": target.tests,
+        **base,
         **counts,
+        "started": True,
         "score": counts["killed"] / judged if judged else None,
         "survivors": sorted(survivors, key=lambda r: r["line_no"]),
         "explained_survivors": sorted(explained, key=lambda r: r["line_no"]),
@@ -357,7 +358,7 @@ def write_report(rows: list[dict], out: Path) -> dict:
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        score = "n/a" if r["score"] is None else f"{r['score']:.1%}"
+        score = "not started" if not r["started"] else "n/a" if r["score"] is None else f"{r['score']:.1%}"
         md.append(
             f"| {r['target']} | `{r['module']}` | {r['killed']} | {r['survived']} | {r['explained']} | {score} |"
         )
