@@ -29,7 +29,9 @@ def test_an_evaluator_gives_per_image_scores_only_on_request():
             {"a": ["a red circle"], "b": ["two stars"]},
         )
         assert "per_image" not in evaluator.evaluate(predictions, references)
-        assert set(evaluator.evaluate(predictions, references, per_image=True)["per_image"]) == {"a", "b"}
+        per_image = evaluator.evaluate(predictions, references, per_image=True)["per_image"]
+        assert set(per_image) == {"a", "b"}
+        assert set(per_image["a"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
 
 
 def test_which_recipes_trained_on_conversations():
