@@ -3,6 +3,8 @@ no JVM beyond the PTB tokenizer's."""
 
 from __future__ import annotations
 
+import pytest
+
 from analysis.captioning import METRICS, CaptionEvaluator, caption_metrics
 
 
@@ -52,3 +54,13 @@ def test_the_metrics_are_coco_captions_and_meteor_is_on_by_default():
         {"a": "a red circle", "b": "two stars"}, {"a": ["a red circle"], "b": ["two stars"]}
     )
     assert full["METEOR"] is not None and all(full[m] is not None for m in METRICS)
+
+
+def test_predictions_and_references_must_both_be_mappings():
+    from analysis.captioning import validate_captions
+
+    good_pred, good_refs = {"a": "a red circle"}, {"a": ["a red circle"]}
+    assert validate_captions(good_pred, good_refs)["n_images"] == 1
+    for pred, refs in ((["a red circle"], good_refs), (good_pred, [["a red circle"]])):
+        with pytest.raises(ValueError, match="must be {id: str} and references"):
+            validate_captions(pred, refs)
