@@ -21,6 +21,7 @@ from trainer.freezing import apply_trainable
 
 REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = 0.25  # the issue's: predicted peak within 25 % of the measured one
+ACTIVATION_TOLERANCE = 0.10  # ours, on the part of the peak the activation model predicts
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -251,10 +252,13 @@ def test_tiny_predicted_peak_is_within_25_percent_of_a_measured_cpu_step(stage, 
     print(message)
     assert abs(ratio - 1) <= TOLERANCE, message
     # Weights, optimizer states and the batch are exact byte counts; what the step adds over them is the activation
-    # model's (saved tensors and the loss transient): held to the same tolerance on its own.
+    # model's (saved tensors, the loss transient, gradients at the peak). At the tiny size the LM head's loss transient
+    # is most of it, so the saved activations alone could be off by ~100 % within 25 %: the modelled part is held to
+    # 10 % (measured: within 2 % for both stages), which a layer model off by a third fails.
     exact = predicted["weights"] + predicted["optimizer"] + predicted["inputs"]
     modelled = predicted["activations"] + predicted["loss_transient"] + predicted["gradients"]
-    assert abs(modelled / (measured["peak"] - exact) - 1) <= TOLERANCE, message
+    share = modelled / (measured["peak"] - exact)
+    assert abs(share - 1) <= ACTIVATION_TOLERANCE, f"{message}; modelled part / measured part {share:.3f}"
 
 
 # ----- (c) bad input ---------------------------------------------------------------------------------------------------

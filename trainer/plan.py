@@ -23,7 +23,8 @@ The memory model, in bytes per GPU at the peak of a steady-state training step (
   fp32 masters of what trains among the optimizer states;
 * gradients: fp32 for what trains, sharded. FSDP1 with `use_orig_params` (`fsdp.yaml`) gives a wrap unit's flat
   shard a gradient as a whole when any of its parameters trains (Stage 2: the whole decoder-layer unit), so its
-  frozen neighbours cost gradient memory too; ZeRO-3 keeps gradients of trainable parameters only (bf16 partition,
+  frozen neighbours cost gradient memory too (FSDP's docstring: mixing frozen and trainable parameters in a unit
+  gives "higher than expected gradient memory usage"); ZeRO-3 keeps gradients of trainable parameters only (bf16 partition,
   plus an fp32 copy at the step);
 * optimizer states: AdamW's two fp32 moments (torch's AdamW keeps them in the parameter's dtype) of what trains;
   ZeRO-3 adds the fp32 master copy (4 bytes) and the fp32 gradient copy (4 bytes) per trainable parameter;
@@ -146,7 +147,8 @@ def stage_recipe(stage: str, recipe: str | None, lora: dict):
 
 def stage_model(preset: str, stage: str, stage_args):
     """The meta model as the stage trains it: the dense control's MLPs (`to_dense`), then the stage Trainer's own
-    `prepare_model` (routing, trainable groups, LoRA). Returns (the model whose parameters train, their names)."""
+    `prepare_model` (routing, trainable groups, LoRA). Returns (the model whose parameters train, their names, the
+    LoRA record: r, alpha and the resolved targets, or None)."""
     import torch
 
     from .dense import to_dense
@@ -156,8 +158,8 @@ def stage_model(preset: str, stage: str, stage_args):
     with torch.device("meta"):
         if stage == "dense":
             model = to_dense(model, stage_args.dense_expert)
-        _, names, _ = STAGE_TRAINERS[stage].prepare_model(model, stage_args)
-    return model, names
+        _, names, adapter = STAGE_TRAINERS[stage].prepare_model(model, stage_args)
+    return model, names, adapter
 
 
 # ----- memory -------------------------------------------------------------------------------------------------------------
@@ -326,9 +328,12 @@ def memory_estimate(
     head = model.lm_head.weight.numel() if model.lm_head.weight.requires_grad else 0
     s, c = work.storage_bytes, work.compute_bytes
     if sharding == "zero3":
-        weights = total * c / n  # bf16 model; fp32 masters among the optimizer states
-        optimizer = trainable * (2 * _FP32 + _FP32) / n  # moments + fp32 master
-        grads_all = trainable * (c + _FP32) / n  # bf16 partition + the fp32 copy at the step
+        # DeepSpeed holds the model in the compute dtype; under bf16 it keeps an fp32 master and an fp32 gradient
+        # copy of the trainable partition for the step.
+        master = _FP32 if c < _FP32 else 0
+        weights = total * c / n
+        optimizer = trainable * (2 * _FP32 + master) / n
+        grads_all = trainable * (c + master) / n
         grads_head = head * c / n
     else:
         weights = total * s / n
@@ -455,7 +460,7 @@ def plan_stage(
 
     lora = lora or {}
     resolved = stage_recipe(stage, recipe, lora)
-    model, names = stage_model(preset, stage, resolved.stage)
+    model, _, adapter = stage_model(preset, stage, resolved.stage)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     work = _workload(model, resolved, text_tokens, labelled_tokens)
     training = resolved.training
@@ -480,13 +485,9 @@ def plan_stage(
             estimate.margin = gpu_memory - estimate.total
             estimates[key] = estimate
         memory[sharding] = estimates
-    lora_record = None
-    if resolved.stage.lora_r is not None:
-        lora_record = {
-            "r": resolved.stage.lora_r,
-            "alpha": resolved.stage.lora_alpha,
-            "targets": resolved.stage.lora_targets,
-        }
+    lora_record = (
+        None if adapter is None else {k: adapter[k] for k in ("r", "alpha", "targets", "fully_trained")}
+    )
     return StagePlan(
         stage=stage,
         recipe=str(recipe or "tiny"),
@@ -613,13 +614,19 @@ def format_plan(result: dict) -> str:
     ]
     for stage in result["stages"]:
         ac = "on" if stage["activation_checkpointing"] else "off"
-        lora = f", LoRA r={stage['lora']['r']} on {stage['lora']['targets']}" if stage["lora"] else ""
+        lora = (
+            f" (LoRA r={stage['lora']['r']} on {', '.join(stage['lora']['targets'])}; fully: "
+            f"{', '.join(stage['lora']['fully_trained']) or 'none'})"
+            if stage["lora"]
+            else ""
+        )
         lines += [
             f"Stage {stage['stage']}: trains {', '.join(stage['trainable_groups'])}{lora}: "
             f"{stage['trainable']:,} parameters ({_count(stage['trainable'])})",
             f"  per GPU: batch {stage['batch']} x {stage['seq']} tokens ({stage['image_tokens']} image + "
             f"{stage['text_tokens']} text, {stage['labelled_tokens']:g} labelled), {stage['precision']}, "
-            f"gradient accumulation {stage['gradient_accumulation_steps']}",
+            f"gradient accumulation {stage['gradient_accumulation_steps']} (global batch "
+            f"{stage['batch'] * stage['gradient_accumulation_steps'] * result['gpus']})",
             f"  FLOPs per token {stage['flops_per_token']:.3g}; step {stage['step_flops']:.3g} FLOPs per GPU -> "
             f"{stage['step_seconds']:.2f} s at {result['mfu']:g} MFU of {result['peak_tflops']:g} TFLOP/s",
         ]
