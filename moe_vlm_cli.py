@@ -12,7 +12,7 @@ import sys
 
 # Packages that add subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "trainer.cli",  # init, train
+    "trainer.cli",  # init, train, merge, plan
     "analysis.cli",  # analyze, evaluate, route
     "pipeline.cli",  # reproduce
     "hub.cli",  # publish

@@ -1,5 +1,6 @@
 """`moe-vlm train`: one stage of the protocol (pretraining, upcycling, Stages 1–3, the dense control), and
-`moe-vlm merge`: a LoRA stage's adapter folded into a plain model, and
+`moe-vlm merge`: a LoRA stage's adapter folded into a plain model, `moe-vlm plan`: parameters, memory per GPU and
+step time of each stage from the meta-device model (`trainer.plan`), and
 `moe-vlm init`: Stage 0 alone, an upcycled model from a dense Mistral (random tiny, a path or a Hub id).
 
     moe-vlm train --stage {pretrain,0,1,2,2.5,3,dense} --out DIR [--from DIR] [--recipe FILE|tiny|paper]
@@ -69,6 +70,79 @@ def _cmd_merge(args) -> None:
     print(f"merged {args.adapter} -> {merge_adapter(args.adapter, args.out)}")
 
 
+def _cmd_plan(args) -> None:
+    from .plan import run_command
+
+    run_command(args)
+
+
+def register_plan(sub: argparse._SubParsersAction) -> None:
+    """`moe-vlm plan`: its values are checked by `trainer.plan.run_command` (one line naming the flag, exit 2), not
+    by argparse's `type=` / `choices=` (which print the usage too)."""
+    p = sub.add_parser(
+        "plan",
+        help="parameters, memory per GPU (FSDP / ZeRO-3), FLOPs and step time of each stage: does it fit?",
+        description="Build the preset on the meta device and plan every training stage: total and active "
+        "parameters, trainable per stage, memory per GPU under FSDP full sharding and ZeRO-3 (with and without "
+        "activation checkpointing), FLOPs per token, step time at an assumed MFU, and a fits / does-not-fit line "
+        "per stage. The memory model: trainer/plan.py's docstring.",
+        allow_abbrev=False,
+    )
+    p.add_argument("--preset", default="paper", help="model preset: paper | tiny (default paper)")
+    p.add_argument(
+        "--recipe", default=None, help="recipe set or .yaml file (default: the preset's, paper | tiny)"
+    )
+    p.add_argument(
+        "--stage", action="append", help="a stage to plan (1, 2, 2.5, 3, dense; default all); repeatable"
+    )
+    p.add_argument("--gpus", default="8", help="GPUs, data parallel and sharded (default 8)")
+    p.add_argument(
+        "--gpu-memory", "--gpu_memory", default="80GB", help="memory per GPU: 80GB, 141GB, 24GiB (GB = GiB)"
+    )
+    p.add_argument(
+        "--sharding",
+        action="append",
+        help="fsdp, zero3, none (one process / DDP, replicated); comma-separated or repeated (default fsdp,zero3)",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        "--activation_checkpointing",
+        default=None,
+        help="on | off: the setting the fits verdict uses (default: the recipe's; the table shows both)",
+    )
+    p.add_argument("--mfu", default="0.4", help="assumed model FLOPs utilisation (default 0.4)")
+    p.add_argument(
+        "--peak-tflops",
+        "--peak_tflops",
+        default="989",
+        help="peak TFLOP/s per GPU (default 989: H100 SXM, dense bf16)",
+    )
+    p.add_argument(
+        "--text-tokens",
+        "--text_tokens",
+        default=None,
+        help="text tokens per sample, padded (default: the recipe's max_length, else coco/shapes 64, llava 512)",
+    )
+    p.add_argument(
+        "--labelled-tokens",
+        "--labelled_tokens",
+        default=None,
+        help="labelled tokens per sample (default: all text)",
+    )
+    p.add_argument(
+        "--lora_r", "--lora-r", default=None, help="LoRA rank: the stage trains adapters (PEFT's count)"
+    )
+    p.add_argument("--lora_alpha", "--lora-alpha", default=None, help="LoRA alpha (default 2 x r)")
+    p.add_argument(
+        "--lora_targets",
+        "--lora-targets",
+        action="append",
+        help="experts, attention, connector (comma-separated)",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="Stage 0: upcycle a dense Mistral into the 2-expert MoE VLM and save it")
     p.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
@@ -124,3 +198,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "machine's measured matmul rate: a table, and profile.json in --out",
     )
     p.set_defaults(func=_cmd_train, extra_args=[])
+
+    register_plan(sub)

@@ -73,20 +73,11 @@ class MoeVlmStageTrainer(Trainer):
         self._step_batches: list = []  # the current optimizer step's micro-batches (`training_step`)
         # The tokens this process trained on, by modality (not reduced): the rank record says what each process saw.
         self.tokens_seen = {"image": 0, "text": 0}
-        self.configure_model(model, stage_args)
         self.trainable_groups = list(stage_args.trainable)
-        self.trainable_params = apply_trainable(model, self.trainable_groups)
-        # LoRA (`--lora_r`): adapters on the trainable groups `lora_targets` names, the rest of the set trains fully;
-        # `model` is edited in place (its parameter names then say base_layer / lora_A / modules_to_save).
-        self.adapter = None
-        if stage_args.lora_r is not None:
-            from .lora import apply_lora
-
-            peft_model, self.trainable_params, self.adapter = apply_lora(
-                model, self.trainable_groups, stage_args
-            )
+        wrapped, self.trainable_params, self.adapter = self.prepare_model(model, stage_args)
+        if self.adapter is not None:
             self.lora_base = model
-            model = peft_model
+            model = wrapped
         self.is_moe = bool(getattr(model.config, "moe_layers", None))
         self.routing = (
             RoutingAccumulator(model.config.moe_layers, model.config.num_experts) if self.is_moe else None
@@ -129,19 +120,37 @@ class MoeVlmStageTrainer(Trainer):
             self.is_fsdp_enabled = True
 
     # ----- stage configuration ----------------------------------------------------------------------------------
-    def router_mode(self, stage_args: StageArguments) -> str | None:
+    @classmethod
+    def prepare_model(cls, model, stage_args: StageArguments) -> tuple:
+        """Everything the stage does to `model` before training: its routing (`configure_model`), its trainable set
+        (`trainer.freezing`) and, with `--lora_r`, PEFT's adapters (`model` is edited in place: its parameter names
+        then say base_layer / lora_A / modules_to_save). Returns (the model to train: `model` or its `PeftModel`,
+        the trainable parameter names, the marker's `adapter` record or None). A class method, so that `moe-vlm plan`
+        applies exactly this to a meta-device model and counts what the stage trains."""
+        cls.configure_model(model, stage_args)
+        groups = list(stage_args.trainable)
+        trainable = apply_trainable(model, groups)
+        if stage_args.lora_r is None:
+            return model, trainable, None
+        from .lora import apply_lora
+
+        return apply_lora(model, groups, stage_args)
+
+    @classmethod
+    def router_mode(cls, stage_args: StageArguments) -> str | None:
         return stage_args.router_mode  # None (the dense control): the model has no router to set
 
-    def configure_model(self, model, stage_args: StageArguments) -> None:
+    @classmethod
+    def configure_model(cls, model, stage_args: StageArguments) -> None:
         """Set the routing of this stage on the model's config (saved with the checkpoint)."""
-        mode = self.router_mode(stage_args)
+        mode = cls.router_mode(stage_args)
         if mode is not None:
             model.set_router_mode(mode)
         if stage_args.gumbel_tau is not None:
             model.config.gumbel_tau = stage_args.gumbel_tau
         if stage_args.router_dropout is not None:
             model.config.router_dropout = stage_args.router_dropout
-        self.check_model_supports(model, stage_args)
+        cls.check_model_supports(model, stage_args)
         for name in ROUTER_LOSS_COEFS:
             setattr(model.config, name, getattr(stage_args, name))
         if stage_args.router_entropy_floor is not None:
@@ -466,7 +475,8 @@ class UnifiedFinetuneTrainer(MoeVlmStageTrainer):
         "unified fine-tuning: router, attention and experts train, straight-through Gumbel, instructions"
     )
 
-    def router_mode(self, stage_args: StageArguments) -> str | None:
+    @classmethod
+    def router_mode(cls, stage_args: StageArguments) -> str | None:
         return "hard" if stage_args.keep_hard_routing else super().router_mode(stage_args)
 
 
