@@ -64,3 +64,17 @@ def test_predictions_and_references_must_both_be_mappings():
     for pred, refs in ((["a red circle"], good_refs), (good_pred, [["a red circle"]])):
         with pytest.raises(ValueError, match="must be {id: str} and references"):
             validate_captions(pred, refs)
+
+
+@pytest.mark.parametrize(
+    "refs",
+    [{"a": "a red circle"}, {"a": 5}, {"a": ["a red circle", 5]}, {"a": ("a red circle", None)}],
+    ids=["bare-string", "not-a-sequence", "non-string-in-list", "non-string-in-tuple"],
+)
+def test_references_must_be_lists_of_strings(refs):
+    """A bare string is a Sequence of characters: it must be refused, not scored as one-letter references."""
+    from analysis.captioning import validate_captions
+
+    with pytest.raises(ValueError, match="references that are not lists of strings: 'a'"):
+        validate_captions({"a": "a red circle"}, refs)
+    assert validate_captions({"a": "a red circle"}, {"a": ("a red circle",)})["n_references"] == 1

@@ -345,3 +345,22 @@ def test_truncation_warns_only_when_no_answer_token_is_left(processor64, caplog)
         assert "no answer token is left" not in caplog.text
         MoeVlmCollator(processor64, max_length=prompt)([record])
     assert "record w: after truncation to" in caplog.text and "no answer token is left" in caplog.text
+
+
+def test_without_a_pad_token_padding_is_id_0_and_masked(processor64):
+    """A tokenizer with no pad token (Mistral's own) pads with id 0 (``<unk>``), never a real token like BOS."""
+    import copy
+
+    processor = copy.deepcopy(processor64)
+    processor.tokenizer.pad_token = None
+    assert processor.tokenizer.pad_token_id is None
+    batch = MoeVlmCollator(processor)(
+        [
+            {"image": _img(), "caption": "A red circle."},
+            {"image": _img(), "caption": "A red circle and two stars."},
+        ]
+    )
+    n = int(batch["attention_mask"][0].sum())
+    assert n < batch["input_ids"].shape[1]
+    assert batch["input_ids"][0, n:].eq(0).all()
+    assert batch["attention_mask"][0, n:].eq(0).all() and batch["labels"][0, n:].eq(IGNORE_INDEX).all()
