@@ -436,35 +436,42 @@ def _workload(model, recipe, text_tokens: int | None, labelled_tokens: int | Non
     )
 
 
-def plan_stage(
-    preset: str,
-    stage: str,
-    *,
-    recipe: str | None = None,
-    gpus: int = 8,
-    gpu_memory: int = 80 * GIB,
-    shardings: tuple[str, ...] = ("fsdp", "zero3"),
-    checkpointing: bool | None = None,
-    lora: dict | None = None,
-    text_tokens: int | None = None,
-    labelled_tokens: int | None = None,
-    mfu: float = 0.4,
-    peak_tflops: float = H100_BF16_DENSE_TFLOPS,
-) -> StagePlan:
+@dataclass(frozen=True)
+class PlanOptions:
+    """What a plan is asked, one source for `plan` and `plan_stage` (their keyword arguments): the recipe (default:
+    the preset's own), the hardware (`gpus` of `gpu_memory` bytes), the shardings to price, activation
+    checkpointing (None: the recipe's), the LoRA flags (`lora_r`, `lora_alpha`, `lora_targets`), the tokens per
+    sample (None: the recipe's), and the MFU and peak TFLOP/s the step time assumes."""
+
+    recipe: str | None = None
+    gpus: int = 8
+    gpu_memory: int = 80 * GIB
+    shardings: tuple[str, ...] = ("fsdp", "zero3")
+    checkpointing: bool | None = None
+    lora: dict | None = None
+    text_tokens: int | None = None
+    labelled_tokens: int | None = None
+    mfu: float = 0.4
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS
+
+
+def plan_stage(preset: str, stage: str, **options) -> StagePlan:
     """The plan of one stage: its trainable count on the meta model, memory per GPU under each sharding (with and
     without activation checkpointing; the verdict uses `checkpointing`, default the recipe's), FLOPs per token
-    (`trainer.flops.step_flops`) and the step time at `mfu` of `peak_tflops`."""
+    (`trainer.flops.step_flops`) and the step time at `mfu` of `peak_tflops`. `options`: `PlanOptions`' fields."""
     import torch
 
     from .flops import step_flops
 
-    lora = lora or {}
+    asked = PlanOptions(**options)
+    recipe, gpus, gpu_memory, mfu = asked.recipe, asked.gpus, asked.gpu_memory, asked.mfu
+    lora = asked.lora or {}
     resolved = stage_recipe(stage, recipe, lora)
     model, _, adapter = stage_model(preset, stage, resolved.stage)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    work = _workload(model, resolved, text_tokens, labelled_tokens)
+    work = _workload(model, resolved, asked.text_tokens, asked.labelled_tokens)
     training = resolved.training
-    chosen = training.gradient_checkpointing if checkpointing is None else checkpointing
+    chosen = training.gradient_checkpointing if asked.checkpointing is None else asked.checkpointing
     mixed = bool(training.bf16 or training.fp16)
     batch = {"input_ids": torch.empty(work.batch, work.seq, dtype=torch.long, device="meta")}
     if work.images:
@@ -474,7 +481,7 @@ def plan_stage(
     flops = step_flops(model, batch, rows=work.rows)
     step = flops * training.gradient_accumulation_steps
     memory = {}
-    for sharding in shardings:
+    for sharding in asked.shardings:
         estimates = {}
         for key, on in (("on", True), ("off", False)):
             estimate = memory_estimate(
@@ -505,30 +512,19 @@ def plan_stage(
         activation_checkpointing=bool(chosen),
         flops_per_token=flops / work.tokens,
         step_flops=step,
-        step_seconds=step / (mfu * peak_tflops * 1e12),
+        step_seconds=step / (mfu * asked.peak_tflops * 1e12),
         memory=memory,
     )
 
 
-def plan(
-    preset: str = "paper",
-    *,
-    stages: tuple[str, ...] | None = None,
-    recipe: str | None = None,
-    gpus: int = 8,
-    gpu_memory: int = 80 * GIB,
-    shardings: tuple[str, ...] = ("fsdp", "zero3"),
-    checkpointing: bool | None = None,
-    lora: dict | None = None,
-    text_tokens: int | None = None,
-    labelled_tokens: int | None = None,
-    mfu: float = 0.4,
-    peak_tflops: float = H100_BF16_DENSE_TFLOPS,
-) -> dict:
-    """The whole plan as a JSON-ready dict: the preset's parameter counts and one `StagePlan` per stage."""
+def plan(preset: str = "paper", *, stages: tuple[str, ...] | None = None, **options) -> dict:
+    """The whole plan as a JSON-ready dict: the preset's parameter counts and one `StagePlan` per stage of `stages`
+    (default: every training stage). `options`: `PlanOptions`' fields, checked here once for all stages."""
+    asked = PlanOptions(**options)
+    gpus, mfu, peak_tflops = asked.gpus, asked.mfu, asked.peak_tflops
     if gpus < 1:
         raise PlanError(f"--gpus {gpus}: must be >= 1")
-    unknown = [s for s in shardings if s not in SHARDINGS]
+    unknown = [s for s in asked.shardings if s not in SHARDINGS]
     if unknown:
         raise PlanError(f"--sharding {unknown[0]!r}: choose from {', '.join(SHARDINGS)}")
     stages = stages or TRAINING_STAGES
@@ -537,31 +533,16 @@ def plan(
         raise PlanError(f"--stage {bad[0]!r}: choose one of {', '.join(TRAINING_STAGES)}")
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu {mfu}: a fraction in (0, 1]")
-    recipe = recipe if recipe is not None else ("paper" if preset == "paper" else None)
+    recipe = asked.recipe if asked.recipe is not None else ("paper" if preset == "paper" else None)
     model = meta_model(preset)
     counts = parameter_counts(model)
-    plans = [
-        plan_stage(
-            preset,
-            stage,
-            recipe=recipe,
-            gpus=gpus,
-            gpu_memory=gpu_memory,
-            shardings=shardings,
-            checkpointing=checkpointing,
-            lora=lora,
-            text_tokens=text_tokens,
-            labelled_tokens=labelled_tokens,
-            mfu=mfu,
-            peak_tflops=peak_tflops,
-        )
-        for stage in stages
-    ]
+    per_stage = {**asdict(asked), "recipe": recipe}
+    plans = [plan_stage(preset, stage, **per_stage) for stage in stages]
     return {
         "preset": preset,
         "recipe": recipe or "tiny",
         "gpus": gpus,
-        "gpu_memory_bytes": gpu_memory,
+        "gpu_memory_bytes": asked.gpu_memory,
         "mfu": mfu,
         "peak_tflops": peak_tflops,
         "parameters": counts,
@@ -713,6 +694,7 @@ __all__ = [
     "MEMORY_PARTS",
     "MemoryEstimate",
     "PlanError",
+    "PlanOptions",
     "StagePlan",
     "Workload",
     "activation_bytes",
