@@ -125,13 +125,23 @@ def test_the_trainers_resume_files_are_not_model_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({}))
     assert pickle_files(tmp_path) == [] and check_no_pickle(tmp_path) == []
     assert len(TRAINER_STATE_FILES) == 5
-    for name in ("pytorch_model.bin", "model.pt", "weights.pth", "last.ckpt"):
+    for name in ("pytorch_model.bin", "model.pt", "weights.pth", "last.ckpt", "state.pkl", "Model.PICKLE"):
         torch.save({}, tmp_path / name)
     assert [p.name for p in pickle_files(tmp_path)] == [
+        "Model.PICKLE",
         "last.ckpt",
         "model.pt",
         "pytorch_model.bin",
+        "state.pkl",
         "weights.pth",
     ]
     with pytest.raises(ValueError, match="last.ckpt, .*model.pt, .*pytorch_model.bin, .*weights.pth"):
         check_no_pickle(tmp_path)
+
+
+def test_the_space_refuses_the_same_pickle_suffixes_as_the_trainer():
+    """The Space keeps its own copy of the suffix list (it runs without the project installed): one contract."""
+    from space.model_source import PICKLE_SUFFIXES as SPACE_SUFFIXES
+    from trainer.safe_loading import PICKLE_SUFFIXES
+
+    assert set(SPACE_SUFFIXES) == set(PICKLE_SUFFIXES)

@@ -1,7 +1,7 @@
 """Loading model weights safely: safetensors only unless the user opts in, and only weights that fit the config.
 
-A pickle file (`.bin`, `.pt`, `.pth`, `.ckpt`) can run code when it is unpickled, so a checkpoint folder holding
-model weights as a pickle is refused unless `--allow_pickle` is given; even then it is read through
+A pickle file (`.bin`, `.pt`, `.pth`, `.ckpt`, `.pkl`, `.pickle`) can run code when it is unpickled, so a checkpoint
+folder holding model weights as a pickle is refused unless `--allow_pickle` is given; even then it is read through
 `torch.load(weights_only=True)` (transformers' `load_state_dict`, with `weights_only=True` passed explicitly), which
 unpickles tensors and plain containers only and refuses any other object. Without the flag, `from_pretrained` gets
 `use_safetensors=True`, so transformers never falls back to a pickle either.
@@ -25,14 +25,15 @@ import pickle
 import re
 from pathlib import Path
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# The Space keeps its own copy (space/model_source.py: it runs without the project installed); a test holds them equal.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # The Trainer's resume state and its arguments (see the module docstring): pickles that are not model weights.
 TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin")
 # Parameter-name parts of the modules `vision_config` describes: keys missing or unexpected there mean the config
 # names another tower than the checkpoint holds.
 VISION_KEY_PARTS = ("vision_tower", "connector")
 ALLOW_PICKLE_HELP = (
-    "allow model weights stored as a pickle (.bin/.pt/.pth/.ckpt; they can run code when loaded): read with "
+    "allow model weights stored as a pickle (.bin/.pt/.pth/.ckpt/.pkl/.pickle; they can run code when loaded): read with "
     "torch.load(weights_only=True), which refuses anything but tensors. Default: safetensors only"
 )
 
@@ -49,7 +50,7 @@ def pickle_files(path: str | Path) -> list[Path]:
     return [
         p
         for p in files
-        if p.suffix in PICKLE_SUFFIXES
+        if p.suffix.lower() in PICKLE_SUFFIXES
         and not any(fnmatch.fnmatch(p.name, pat) for pat in TRAINER_STATE_FILES)
     ]
 
