@@ -56,3 +56,21 @@ def row_space_projection(*blocks: np.ndarray) -> np.ndarray | None:
     _, s, vt = np.linalg.svd(stacked, full_matrices=False)
     keep = s > s.max(initial=0.0) * max(m, d) * np.finfo(np.float64).eps
     return vt[keep].T  # (D, r)
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with numpy arrays and scalars as plain Python, dict keys as strings and non-finite floats as None:
+    what `json.dumps(..., allow_nan=False)` writes, so a result file is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value

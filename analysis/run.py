@@ -19,6 +19,7 @@ from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, PROBE_CHOICES
 from trainer.routing_stats import read_routing_log
 
 from . import figures
+from ._arrays import jsonable
 from .captioning import (
     CaptionEvaluator,
     caption_metrics,
@@ -77,25 +78,10 @@ def load_data(data_dir: str | Path | None, seed: int, image_size: int):
     return build_shapes(seed=seed, image_size=image_size)
 
 
-def _rows(split, limit: int | None) -> list:
+def first_rows(split, limit: int | None) -> list:
+    """The first `limit` records of a dataset split (all of them when None) as a list of dicts."""
     n = len(split) if limit is None else min(limit, len(split))
     return [split[i] for i in range(n)]
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return None if not np.isfinite(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def concept_analysis(
@@ -346,7 +332,7 @@ def analyze(
     if n_probe is not None:  # keep the first n_probe records of each concept
         keep = np.concatenate([np.flatnonzero(labels == c)[:n_probe] for c in range(len(names))])
         probe, labels = probe.select(keep.tolist()), labels[keep]
-    probe_rows = _rows(probe, None)
+    probe_rows = first_rows(probe, None)
     states = probe_states(model, processor, probe_rows, batch_size, desc="concept probe")
     concepts = concept_analysis(states, labels, names, layers, seed, n_permutations)
 
@@ -360,11 +346,11 @@ def analyze(
     tsne["silhouette_modality_hidden_interval"] = silhouette_interval(points, modality, seed=seed)["interval"]
     tsne["silhouette_concept_hidden_interval"] = silhouette_interval(points, concept, seed=seed)["interval"]
 
-    comp_rows = _rows(data["compositional_probe"], None)
+    comp_rows = first_rows(data["compositional_probe"], None)
     comp_states = probe_states(model, processor, comp_rows, batch_size, desc="compositional probe")
     compounds, compositional = compositional_analysis(comp_states, comp_rows, layers)
 
-    test_rows = _rows(data["test"], n_samples)
+    test_rows = first_rows(data["test"], n_samples)
     result = {
         "model": str(model_dir),
         "router_mode": model.config.router_mode,
@@ -405,7 +391,7 @@ def analyze(
     if saturation_figure is not None:
         result["figures"].append(saturation_figure)
     result["seconds"] = time.time() - started
-    result = _jsonable(result)
+    result = jsonable(result)
     write_atomic(out_dir / ANALYSIS_FILE, json.dumps(result, indent=1))  # last: its presence means done
     return result
 
@@ -491,7 +477,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_checkpoint(model_dir, allow_pickle)
     data = load_data(data_dir, seed, model.config.vision_config.image_size)
-    rows = _rows(data["test"], n_samples)
+    rows = first_rows(data["test"], n_samples)
     own_format = training_prompt_format(model_dir, processor)
     formats = evaluation_prompt_formats(own_format, prompt_formats)
     references = {str(r["id"]): list(r["references"]) for r in rows}
@@ -502,7 +488,7 @@ def evaluate(
             predictions[fmt] = generate_captions(model, processor, rows, prompt, max_new_tokens, batch_size)
             metrics = caption_metrics(predictions[fmt], references, evaluator=evaluator)
             by_format[fmt] = {"prompt": prompt, "metrics": metrics}
-    result = _jsonable(
+    result = jsonable(
         {
             "model": str(model_dir),
             "split": "test",

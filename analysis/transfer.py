@@ -43,8 +43,9 @@ def analyze_transfer(
 
     from trainer.data import MoeVlmCollator
 
+    from ._arrays import jsonable
     from .instruction import instruction_accuracy
-    from .run import _jsonable, _rows, load_checkpoint, routing_report, split_grounding
+    from .run import first_rows, load_checkpoint, routing_report, split_grounding
 
     started = time.time()
     torch.manual_seed(seed)
@@ -54,7 +55,7 @@ def analyze_transfer(
     data = load_from_disk(str(data_dir))
     if "test" not in data:
         raise ValueError(f"transfer data {data_dir} has no `test` split (it has {sorted(data)})")
-    rows = _rows(data["test"], n_samples)
+    rows = first_rows(data["test"], n_samples)
     result = {
         "name": name,
         "data": str(data_dir),
@@ -71,7 +72,7 @@ def analyze_transfer(
             model, processor, instruction_records, batch_size=batch_size
         )
     result["seconds"] = time.time() - started
-    result = _jsonable(result)
+    result = jsonable(result)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / TRANSFER_FILE, json.dumps(result, indent=1))

@@ -85,7 +85,8 @@ def test_offset_decomposition_of_known_matrices():
 
 
 def test_concept_analysis_writes_both_variants_at_every_layer():
-    from analysis.run import _jsonable, concept_analysis
+    from analysis._arrays import jsonable
+    from analysis.run import concept_analysis
 
     visual, textual = offset_world(c=4, n=5, d=16)
     labels = np.repeat(np.arange(4), 5)
@@ -99,7 +100,7 @@ def test_concept_analysis_writes_both_variants_at_every_layer():
         for result in layers.values():
             assert result["variant"] == variant and result["binomial"]["null_p"] == 0.25
             assert {"permutation", "bootstrap", "offsets", "k_over_n_ci", "margin_ci"} <= set(result)
-    assert json.loads(json.dumps(_jsonable(out), allow_nan=False))["centred"]["1"]["n"] == 4
+    assert json.loads(json.dumps(jsonable(out), allow_nan=False))["centred"]["1"]["n"] == 4
 
 
 def test_proportion_test_and_silhouette_interval():
