@@ -364,3 +364,19 @@ def test_without_a_pad_token_padding_is_id_0_and_masked(processor64):
     assert n < batch["input_ids"].shape[1]
     assert batch["input_ids"][0, n:].eq(0).all()
     assert batch["attention_mask"][0, n:].eq(0).all() and batch["labels"][0, n:].eq(IGNORE_INDEX).all()
+
+
+def test_a_bad_record_in_a_dataloader_worker_is_still_a_data_error(collator):
+    """With `dataloader_num_workers` > 0 (the paper recipes use 4) the collator runs in a worker process; torch
+    re-raises its error in the main process, and it must stay a DataError with the record's message (the command
+    line prints a ValueError as one line), not become a RuntimeError carrying the worker's traceback."""
+    from torch.utils.data import DataLoader
+
+    records = [{"id": "good", "image": _img(), "caption": "A red circle."}, {"id": "bad", "image": _img()}]
+    loader = DataLoader(records, batch_size=2, num_workers=1, collate_fn=collator)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    with pytest.raises(DataError) as in_process:
+        collator(records)
+    assert str(caught.value) == str(in_process.value) and "Traceback" not in str(caught.value)
+    assert "'bad'" in str(caught.value)

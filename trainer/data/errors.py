@@ -25,13 +25,25 @@ class DataError(ValueError):
     error leaves it (:func:`handle`), so the message reads ``"<file>: record '<id>': <problem>"``.
     """
 
-    def __init__(self, record_id: object, problem: str, source: object = None):
+    def __init__(self, record_id: object, problem: str | None = None, source: object = None):
+        self.message = None
+        if problem is None:
+            # One argument: torch's DataLoader re-raising a worker's DataError (`ExceptionWrapper.reraise` builds
+            # `exc_type(text)` from the worker's traceback text, and turns a type it cannot build that way into a
+            # RuntimeError, which the command line would show as a traceback). Keep the type and, of the text, the
+            # worker's own message: what follows "DataError: " on its last line.
+            text = str(record_id)
+            last = text.rstrip().rsplit("\n", 1)[-1]
+            self.message = last.split("DataError: ", 1)[1] if "DataError: " in last else text
+            record_id = None
         self.record_id = None if record_id is None else str(record_id)
-        self.problem = problem
+        self.problem = problem if problem is not None else self.message
         self.source = None if source is None else str(source)
         super().__init__(str(self))
 
     def __str__(self) -> str:
+        if self.message is not None:
+            return self.message
         where = f"record {self.record_id!r}" if self.record_id is not None else "record"
         return f"{self.source}: {where}: {self.problem}" if self.source else f"{where}: {self.problem}"
 
