@@ -380,3 +380,13 @@ def test_a_bad_record_in_a_dataloader_worker_is_still_a_data_error(collator):
         collator(records)
     assert str(caught.value) == str(in_process.value) and "Traceback" not in str(caught.value)
     assert "'bad'" in str(caught.value)
+
+
+def test_an_unnamed_record_encoded_alone_is_record_0(collator):
+    with pytest.raises(DataError, match="record '#0'"):
+        collator.encode({"image": _img()})
+
+
+def test_a_caption_record_with_two_images_is_refused(collator):
+    with pytest.raises(DataError, match="a caption record takes one image, got 2"):
+        collator.encode({"id": "two", "image": [_img(), _img((40, 40, 220))], "caption": "A red circle."})

@@ -84,3 +84,32 @@ def test_the_changed_parameters_check_names_what_went_wrong(model):
     wrong = changed_params_check(before, after, [other])
     assert not wrong["ok"] and wrong["frozen_changed"] == [name] and wrong["trainable_unchanged"] == [other]
     assert changed_params_check(before, before, [])["ok"]
+
+
+def test_the_check_fails_when_only_one_thing_went_wrong(model):
+    """`ok` needs both: no frozen parameter changed AND every trainable one changed."""
+    before = fingerprints(model)
+    name, other = "model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"
+    with torch.no_grad():
+        model.get_parameter(name).add_(1e-3)
+    after = fingerprints(model)
+    lagging = changed_params_check(before, after, [name, other])  # one trainable parameter did not move
+    assert not lagging["ok"] and lagging["frozen_changed"] == [] and lagging["trainable_unchanged"] == [other]
+    leaked = changed_params_check(before, after, [])  # a frozen parameter moved
+    assert not leaked["ok"] and leaked["frozen_changed"] == [name] and leaked["trainable_unchanged"] == []
+
+
+def test_an_idle_group_is_warned_about_and_a_learning_one_is_not(model, caplog):
+    model.config.router_mode = "hard"
+    try:
+        with caplog.at_level("WARNING", logger="moe_vlm.trainer"):
+            apply_trainable(model, ["router", "experts"])
+        assert "['router'] get no gradient with router_mode='hard'" in caplog.text
+        caplog.clear()
+        model.config.router_mode = "gumbel"
+        with caplog.at_level("WARNING", logger="moe_vlm.trainer"):
+            apply_trainable(model, ["router", "experts"])
+        assert "get no gradient" not in caplog.text
+    finally:
+        model.config.router_mode = "gumbel"
+        apply_trainable(model, ["experts"])

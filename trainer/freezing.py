@@ -46,7 +46,7 @@ def _router_learns(name: str, config) -> bool:
     mode = getattr(config, "router_mode", None)
     if _MODALITY_ROUTER.search(name):
         return mode == "modality_aware"
-    return mode != "hard" or getattr(config, "router_losses_weighted", False)
+    return mode != "hard" or config.router_losses_weighted  # only MoeVlmConfig has router parameters
 
 
 def group_of(name: str) -> str:
