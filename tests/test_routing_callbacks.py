@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from trainer.callbacks import GumbelTauCallback, RoutingStatsCallback, _keep_lines_up_to
+from trainer.callbacks import GumbelTauCallback, ProbeChoicesCallback, RoutingStatsCallback, _keep_lines_up_to
 from trainer.routing_stats import flatten, read_log_lines
 
 
@@ -43,6 +43,16 @@ def test_the_routing_log_is_written_under_an_output_dir_not_made_yet(tmp_path):
     (record,) = read_log_lines(out / "routing_stats.jsonl")
     assert record["step"] == 3 and record["stage"] == "2"
     assert record["layers"]["0"]["image"]["dispatch"] == [0.25, 0.75]
+
+
+def test_the_probe_choices_are_written_under_an_output_dir_not_made_yet(tmp_path):
+    out = tmp_path / "runs" / "stage3"
+    choices = {"layers": {"0": [1, 0]}, "is_image": [True, False]}
+    probe = SimpleNamespace(take_choices=lambda: choices)
+    callback = ProbeChoicesCallback("3", probe, run_probe=lambda: None)
+    args = SimpleNamespace(output_dir=str(out))
+    callback._write(args, SimpleNamespace(global_step=0, is_world_process_zero=True))
+    assert read_log_lines(out / "routing_probe_choices.jsonl") == [{"step": 0, "stage": "3", **choices}]
 
 
 @pytest.mark.parametrize(("start", "end"), [(0.0, 1.0), (1.0, 0.0), (-1.0, 1.0), (1.0, -0.5)])
