@@ -18,6 +18,7 @@ def test_soft_load_is_the_mean_router_probability_over_several_batches():
     b = torch.tensor([[0.0, 1.0]])  # (0.269, 0.731)
     acc.update([a], [torch.tensor([[0], [0]])], torch.zeros(1, 2, dtype=torch.bool), None)
     acc.update([b], [torch.tensor([[1]])], torch.zeros(1, 1, dtype=torch.bool), None)
+    assert acc.n_tokens == 3.0
     text = acc.summary()["0"]["text"]
     expected = torch.cat([a, b]).softmax(-1).mean(0).tolist()
     assert text["prob"] == pytest.approx(expected) and text["tokens"] == 3
@@ -74,3 +75,13 @@ def test_only_the_last_line_may_be_torn_and_each_case_names_its_line(tmp_path, c
     _lines(log, json.dumps({"step": 1}), '{"step": 2,', json.dumps({"step": 3}))
     with pytest.raises(ValueError, match=r"routing_stats.jsonl, line 2: not a JSON record"):
         read_log_lines(log)
+
+
+def test_the_sums_have_the_documented_layout_for_one_all_reduce():
+    """(layers, groups, 2 E + scalars + 1): every process must build the same tensor to sum it across processes."""
+    from configuration.contract import LOAD_GROUPS
+    from trainer.routing_stats import SCALAR_STATS
+
+    acc = RoutingAccumulator([0, 2, 3], 4)
+    assert tuple(acc.sums.shape) == (3, len(LOAD_GROUPS), 2 * 4 + len(SCALAR_STATS) + 1)
+    assert RoutingAccumulator([], 2).n_tokens == 0.0  # no MoE layer: no token routed

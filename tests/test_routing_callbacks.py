@@ -45,6 +45,19 @@ def test_the_routing_log_is_written_under_an_output_dir_not_made_yet(tmp_path):
     assert record["layers"]["0"]["image"]["dispatch"] == [0.25, 0.75]
 
 
+def test_only_the_main_process_writes_and_only_a_log_with_routing_keys(tmp_path):
+    callback = RoutingStatsCallback("2")
+    logs = {
+        "loss": 1.0,
+        **flatten({"0": {"text": {"dispatch": [1.0, 0.0], "prob": [0.6, 0.4], "tokens": 4}}}),
+    }
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    callback.on_log(args, SimpleNamespace(global_step=1, is_world_process_zero=False), None, logs=logs)
+    for empty in (None, {}, {"loss": 1.0}):  # an eval log, or none: nothing to record
+        callback.on_log(args, SimpleNamespace(global_step=1, is_world_process_zero=True), None, logs=empty)
+    assert not (tmp_path / "routing_stats.jsonl").exists()
+
+
 def test_the_probe_choices_are_written_under_an_output_dir_not_made_yet(tmp_path):
     out = tmp_path / "runs" / "stage3"
     choices = {"layers": {"0": [1, 0]}, "is_image": [True, False]}
@@ -65,3 +78,6 @@ def test_a_small_positive_gumbel_temperature_is_accepted_and_annealed():
     schedule = GumbelTauCallback(0.5, 0.1)
     assert schedule.tau_at(0, 5) == 0.5 and schedule.tau_at(4, 5) == pytest.approx(0.1)
     assert schedule.tau_at(2, 5) == pytest.approx(0.3)
+    assert schedule.tau_at(9, 5) == pytest.approx(0.1)  # past the last step it stays at the end value
+    assert schedule.tau_at(1, 2) == pytest.approx(0.1)  # a two-step run ends at the end value
+    assert schedule.tau_at(0, 1) == 0.5  # a one-step run starts (and stays) at the start value
