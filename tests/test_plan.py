@@ -330,8 +330,6 @@ def test_paper_stage3_on_8x80gb_answers_and_adds_up(paper_plan, capsys):
     )
     assert status == 0, err
     verdicts = [line for line in out.splitlines() if "Stage 3 " in line and "FIT" in line]
-    with capsys.disabled():
-        print(out)
     assert len(verdicts) == 1 and "FSDP" in verdicts[0]
     stage = next(s for s in paper_plan["stages"] if s["stage"] == "3")
     assert stage["activation_checkpointing"]  # the paper recipe's
