@@ -68,13 +68,31 @@ def kill_when(
     deadline = time.monotonic() + timeout
     while not ready():
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
+            _kill(process, group)
             pytest.fail(
                 f"the run ended (rc {process.returncode}) before it could be killed:\n{log.read_text()[-3000:]}"
             )
         time.sleep(0.005)
-    os.killpg(process.pid, signal.SIGKILL) if group else os.kill(process.pid, signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
+    _kill(process, group)
+    assert process.returncode == -signal.SIGKILL
+
+
+def _kill(process: subprocess.Popen, group: bool) -> None:
+    """SIGKILL `process`, or with `group` every process of its group until none is left: a child the command forks
+    while the first signal is delivered (a cell worker being spawned) can miss it, and would run on as an orphan."""
+    if not group:
+        process.kill()
+        process.wait(timeout=30)
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group is empty
+            break
+        process.poll()  # reap the command itself, so only live members keep the group
+        time.sleep(0.05)
+    process.wait(timeout=30)
 
 
 def finish(process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
