@@ -325,7 +325,11 @@ def test_ablate_killed_after_its_first_cell_reruns_only_the_rest_and_writes_the_
     uninterrupted = launch("whole", ["aux_free"], tmp_path / "whole.log")
     killed = launch("killed", ["baseline", "aux_free"], tmp_path / "killed.log")
     cells = runs["killed"] / "seed0" / "ablations"
-    kill_when(killed, lambda: any(cells.glob(f"*/{CELL_MARKER}")), tmp_path / "killed.log", group=True)
+    # The first cell trains, analyses and evaluates before its marker: minutes on busy cores, so the deadline is the
+    # reruns' own (600 s), not kill_when's default meant for one training checkpoint.
+    kill_when(
+        killed, lambda: any(cells.glob(f"*/{CELL_MARKER}")), tmp_path / "killed.log", group=True, timeout=600
+    )
     assert [p.parent.name for p in cells.glob(f"*/{CELL_MARKER}")] == ["baseline"]
     kept = cell_dir(runs["killed"] / "seed0", "baseline")
     written = json.loads((kept / CELL_MARKER).read_text())
