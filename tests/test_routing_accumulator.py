@@ -85,3 +85,20 @@ def test_the_sums_have_the_documented_layout_for_one_all_reduce():
     acc = RoutingAccumulator([0, 2, 3], 4)
     assert tuple(acc.sums.shape) == (3, len(LOAD_GROUPS), 2 * 4 + len(SCALAR_STATS) + 1)
     assert RoutingAccumulator([], 2).n_tokens == 0.0  # no MoE layer: no token routed
+
+
+def test_with_top2_routing_the_dispatch_counts_each_tokens_first_choice():
+    acc = RoutingAccumulator([0], 3)
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    index = torch.tensor([[0, 1], [1, 2]])  # (tokens, k): the first column is the top-1 expert
+    acc.update([logits], [index], torch.zeros(1, 2, dtype=torch.bool), None)
+    assert acc.summary()["0"]["text"]["dispatch"] == [0.5, 0.5, 0.0]
+
+
+def test_a_modality_with_a_single_token_is_reported():
+    acc = RoutingAccumulator([0], 2)
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    mask = torch.tensor([[True, False, False]])  # one image token
+    acc.update([logits], [torch.tensor([[0], [1], [1]])], mask, None)
+    image = acc.summary()["0"]["image"]
+    assert image["tokens"] == 1 and image["dispatch"] == [1.0, 0.0]
