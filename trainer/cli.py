@@ -41,6 +41,7 @@ def _cmd_train(args) -> None:
 
         profiler = StepProfiler()
     out = run(recipe, callbacks=[profiler] if profiler else [])
+    _end_distributed()
     if recipe.training.process_index == 0:
         print(f"stage {args.stage} -> {out}")
         if profiler is not None and profiler.runs:
@@ -48,6 +49,16 @@ def _cmd_train(args) -> None:
 
             print(markdown_table(profiler.runs))
             print(f"wrote {profiler.write(out / PROFILE_FILE)}")
+
+
+def _end_distributed() -> None:
+    """Tear the process group down before exit under `accelerate launch` / torchrun, as PyTorch asks (the Trainer
+    never does). Left to the interpreter's exit, gloo's threads were once seen aborting a finished rank
+    ("terminate called without an active exception", FSDP2 on CPU) after its model was written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _cmd_init(args) -> None:
