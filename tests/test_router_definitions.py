@@ -44,11 +44,22 @@ def _modality_router(**overrides) -> MoeVlmRouter:
 
 @pytest.mark.parametrize("dropout_on", ["input", "logits"])
 def test_the_modality_term_decides_with_router_dropout_in_training(dropout_on):
+    """Input dropout cannot touch the modality term: every token follows it. Dropout on the logits zeroes both of a
+    token's logits with probability p^2, and then the Gumbel noise decides (wrong half the time): p^2 / 2 = 0.5 %
+    of tokens go against their modality, and no more. (An unseeded 8-token version of this test failed 1 run in
+    ~12 for that reason.)"""
+    torch.manual_seed(0)
     router = _modality_router(router_dropout=0.1, router_dropout_on=dropout_on).train()
-    hidden = torch.randn(8, router.config.hidden_size)
-    is_image = torch.tensor([True, False] * 4)
+    n = 8 if dropout_on == "input" else 4000
+    hidden = torch.randn(n, router.config.hidden_size)
+    is_image = torch.tensor([True, False] * (n // 2))
     logits, weights, index = router(hidden, is_image)
-    assert index.squeeze(-1).tolist() == [0, 1] * 4
+    expected = torch.where(is_image, 0, 1)
+    against = float((index.squeeze(-1) != expected).float().mean())
+    if dropout_on == "input":
+        assert against == 0.0
+    else:  # 0.5 % expected; sd 0.11 % at 4,000 tokens
+        assert 0.0 < against < 0.005 + 4 * 0.0011, against
     assert torch.equal(weights, torch.ones_like(weights))
     # the returned logits are the router's own (no dropout): the modality term alone, since the weight is zero
     torch.testing.assert_close(
