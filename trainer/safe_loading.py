@@ -33,7 +33,7 @@ TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.
 # names another tower than the checkpoint holds.
 VISION_KEY_PARTS = ("vision_tower", "connector")
 ALLOW_PICKLE_HELP = (
-    "allow model weights stored as a pickle (.bin/.pt/.pth/.ckpt/.pkl/.pickle; they can run code when loaded): read with "
+    f"allow model weights stored as a pickle ({'/'.join(PICKLE_SUFFIXES)}; they can run code when loaded): read with "
     "torch.load(weights_only=True), which refuses anything but tensors. Default: safetensors only"
 )
 
