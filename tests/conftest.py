@@ -72,3 +72,26 @@ def red_image():
     image = Image.new("RGB", (32, 32), "white")
     ImageDraw.Draw(image).ellipse([8, 8, 24, 24], fill=(220, 30, 30))
     return image
+
+
+# ----- what the training tests build once per module (helpers in training_helpers.py) ---------------------------------
+@pytest.fixture(scope="module")
+def workdir(request, tmp_path_factory):
+    """A folder per test module for what its module-scoped fixtures build."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+
+
+@pytest.fixture(scope="module")
+def shapes(workdir):
+    """A Shapes world small enough for a few training steps (`training_helpers.make_shapes`)."""
+    from training_helpers import make_shapes
+
+    return make_shapes(workdir / "shapes")
+
+
+@pytest.fixture(scope="module")
+def stage0(workdir):
+    """An upcycled Stage 0 directory of `tiny_config` (`training_helpers.make_stage0`)."""
+    from training_helpers import make_stage0
+
+    return make_stage0(workdir / "stage0")

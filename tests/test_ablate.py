@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_train import make_shapes, make_stage0, quick_args, train
+from training_helpers import make_shapes, make_stage0, quick_args, train
 
 from configuration.contract import CACHE_ENV, COMPLETION_MARKER, TRANSFER_FILE
 from pipeline import ablate

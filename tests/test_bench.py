@@ -220,7 +220,7 @@ def test_section_rounds_are_clamped_only_when_not_set_explicitly():
 def test_utilisation_section_profiles_every_reproduction_step(tmp_path, monkeypatch):
     """The short reproduction chain on a small generated world: one row per step, each row's share being its own
     FLOPs over its own time over the rate measured in the run, and the table shows them all."""
-    from test_train import make_shapes
+    from training_helpers import make_shapes
 
     from benchmarks.reproduction import utilisation_markdown, utilisation_section
 

@@ -479,7 +479,7 @@ def test_train_command_names_the_bad_record_or_skips_it(tmp_path, capsys, caplog
     """`moe-vlm train` on a LLaVA-format file with one truncated image: by default it stops with one line naming the
     file, the record and the problem (exit status 2, no traceback); with `--on_error skip` it trains on the rest and
     the completion marker counts the skipped record."""
-    from test_train import make_stage0, marker, quick_args
+    from training_helpers import make_stage0, marker, quick_args
 
     from moe_vlm_cli import main
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import make_shapes, make_stage0, quick_args, train
+from training_helpers import make_shapes, make_stage0, quick_args, train
 from transformers import TrainerCallback
 
 from configuration.contract import ADAPTER_WEIGHTS_FILE, COMPLETION_MARKER

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import make_shapes, make_stage0, marker, quick_args, train
+from training_helpers import make_shapes, make_stage0, marker, quick_args, train
 
 from configuration.contract import COMPLETION_MARKER
 

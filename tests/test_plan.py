@@ -155,7 +155,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from test_train import make_shapes
+    from training_helpers import make_shapes
 
     from configuration.presets import load_preset
 

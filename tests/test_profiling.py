@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from test_train import make_shapes, make_stage0, quick_args, train
+from training_helpers import make_shapes, make_stage0, quick_args, train
 from transformers import TrainerCallback
 
 from trainer.profiling import PHASES, PROFILE_FILE, StepProfiler, markdown_table, summarise

@@ -12,24 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train import make_shapes, make_stage0, quick_args
+from training_helpers import quick_args
 
 from configuration.contract import COMPLETION_MARKER
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("reliability_config")
-
-
-@pytest.fixture(scope="module")
-def shapes(workdir):
-    return make_shapes(workdir / "shapes")
-
-
-@pytest.fixture(scope="module")
-def stage0(workdir):
-    return make_stage0(workdir / "stage0")
 
 
 @pytest.fixture(scope="module")

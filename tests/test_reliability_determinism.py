@@ -9,12 +9,7 @@ import json
 
 import pytest
 import torch
-from test_train import make_stage0, quick_args, train, weights
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("determinism")
+from training_helpers import make_stage0, quick_args, train, weights
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import make_shapes, make_stage0, quick_args, train
+from training_helpers import make_shapes, make_stage0, quick_args, train
 from transformers import TrainerCallback
 
 from configuration.contract import COMPLETION_MARKER

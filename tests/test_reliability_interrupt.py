@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import make_shapes, make_stage0, quick_args, routing_lines, train, weights
+from training_helpers import make_shapes, make_stage0, quick_args, routing_lines, train, weights
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import make_shapes, make_stage0, quick_args, routing_lines, train, weights
+from training_helpers import make_shapes, make_stage0, quick_args, routing_lines, train, weights
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 

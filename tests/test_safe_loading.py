@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import make_shapes, make_stage0, quick_args
+from training_helpers import quick_args
 
 from trainer.safe_loading import TRAINER_STATE_FILES, check_no_pickle, pickle_files
 
@@ -25,21 +25,6 @@ class WritesAMarker:
 
     def __reduce__(self):
         return pathlib.Path.write_text, (self.marker, "the pickle ran code")
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("safe_loading")
-
-
-@pytest.fixture(scope="module")
-def stage0(workdir):
-    return make_stage0(workdir / "stage0")
-
-
-@pytest.fixture(scope="module")
-def shapes(workdir):
-    return make_shapes(workdir / "shapes")
 
 
 def as_pickle(stage0: pathlib.Path, to: pathlib.Path, state: dict | None = None) -> pathlib.Path:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_train import make_shapes, make_stage0, marker, quick_args, routing_lines
+from training_helpers import make_shapes, make_stage0, marker, quick_args, routing_lines
 
 REPO = Path(__file__).resolve().parent.parent
 

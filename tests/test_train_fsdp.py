@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train import make_shapes, make_stage0, marker, quick_args, routing_lines, train
 from test_train_distributed import _free_port
+from training_helpers import make_shapes, make_stage0, marker, quick_args, routing_lines, train
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = REPO / "configuration" / "accelerate"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import make_shapes, marker, quick_args, train
+from training_helpers import make_shapes, marker, quick_args, train
 
 from trainer.pretrain import CLIP_FILE, MISTRAL_DIR
 
