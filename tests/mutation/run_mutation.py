@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +49,38 @@ MUTANT_TIMEOUT_S = 240.0
 class Target:
     name: str
     module: str
-    tests: list[str]
+    # pytest argument lists, run in order, each only when the one before passed: a mutant the fast unit files
+    # kill never pays for collecting the slow ones (importing transformers and the trainer costs ~9 s a mutant)
+    tests: list[list[str]]
     scope: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.tests or not all(
+            isinstance(s, list) and s and all(isinstance(a, str) for a in s) for s in self.tests
+        ):
+            raise SystemExit(
+                f"targets.toml: target {self.name}: `tests` must be a list of pytest argument lists "
+                f'(stages), e.g. [["tests/test_fast.py"], ["tests/test_slow.py", "-k", "not train"]]'
+            )
 
 
 def load_targets(path: Path = TARGETS) -> tuple[list[Target], list[re.Pattern]]:
     """The targets and the operator allow-list of `targets.toml`."""
     data = tomllib.loads(path.read_text())
     return [Target(**t) for t in data["target"]], [re.compile(p) for p in data["operators"]]
+
+
+def test_command(target: Target, warm_socket: str | None = None) -> str:
+    """The command one mutant is judged by: `pytest -x` per stage, the stages joined by `&&` (cosmic-ray splits
+    its test command with shlex and runs it without a shell, hence `sh -c`). With `warm_socket`, each stage runs
+    in a fork of that target's `warm_pytest` server instead of a fresh interpreter."""
+    pytest = ["-x", "-q", "-p", "no:cacheprovider"]
+    if warm_socket:
+        prefix = [sys.executable, str(HERE / "warm_pytest.py"), "run", warm_socket, "--"]
+    else:
+        prefix = [sys.executable, "-m", "pytest"]
+    runs = [shlex.join([*prefix, *pytest, *stage]) for stage in target.tests]
+    return runs[0] if len(runs) == 1 else shlex.join(["sh", "-c", " && ".join(runs)])
 
 
 def scope_lines(source: str, names: list[str], module: str = "") -> set[int]:
@@ -198,11 +225,10 @@ def _filter_session(session: Path, tree: Path, target: Target, operators: list[r
                 db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
 
 
-def _write_config(target: Target, work: Path) -> Path:
-    """The cosmic-ray config of `target`: its module in the tree copy, its tests as the test command."""
-    command = shlex.join(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *target.tests]
-    )
+def _write_config(target: Target, work: Path, warm_socket: str | None) -> Path:
+    """The cosmic-ray config of `target`: its module in the tree copy, its tests as the test command. Written
+    afresh for every run (the warm server's socket is new each time); the session does not keep it."""
+    command = test_command(target, warm_socket)
     config = work / "cosmic-ray.toml"
     config.write_text(
         "[cosmic-ray]\n"
@@ -215,7 +241,9 @@ def _write_config(target: Target, work: Path) -> Path:
     return config
 
 
-def run_target(target: Target, operators: list[re.Pattern], out: Path, limit: int | None) -> Path:
+def run_target(
+    target: Target, operators: list[re.Pattern], out: Path, limit: int | None, warm: bool = True
+) -> Path:
     """One cosmic-ray session for `target` in its own tree copy; returns the session file."""
     work = out / target.name
     tree, session, log = work / "tree", work / "session.sqlite", work / "cosmic-ray.log"
@@ -224,16 +252,42 @@ def run_target(target: Target, operators: list[re.Pattern], out: Path, limit: in
         shutil.rmtree(work, ignore_errors=True)
         tree.mkdir(parents=True)
         _copy_tree(tree)
-        config = _write_config(target, work)
-        partial = work / "session.partial.sqlite"
-        _cosmic("init", str(config), str(partial), cwd=tree, env=env, log=log)
-        _filter_session(partial, tree, target, operators)
-        if limit is not None:
-            _limit_session(partial, limit)
-        _cosmic("baseline", str(config), cwd=tree, env=env, log=log)
-        partial.rename(session)
-    _cosmic("exec", str(work / "cosmic-ray.toml"), str(session), cwd=tree, env=env, log=log)
+    with _warm_server(tree, env, log) if warm else contextlib.nullcontext() as warm_socket:
+        config = _write_config(target, work, warm_socket)
+        if not session.exists():
+            partial = work / "session.partial.sqlite"
+            _cosmic("init", str(config), str(partial), cwd=tree, env=env, log=log)
+            _filter_session(partial, tree, target, operators)
+            if limit is not None:
+                _limit_session(partial, limit)
+            _cosmic("baseline", str(config), cwd=tree, env=env, log=log)  # the warm path too must pass
+            partial.rename(session)
+        _cosmic("exec", str(config), str(session), cwd=tree, env=env, log=log)
     return session
+
+
+@contextlib.contextmanager
+def _warm_server(tree: Path, env: dict, log: Path):
+    """A `warm_pytest` server in the tree copy for one target's run; yields its socket path (in a short temporary
+    folder: a Unix socket's path is limited to ~100 bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="mutation-"))
+    path = folder / "warm.sock"
+    with log.open("a") as handle:
+        server = subprocess.Popen(
+            [sys.executable, str(HERE / "warm_pytest.py"), "serve", str(path), "--timeout", str(MUTANT_TIMEOUT_S - 10)],
+            cwd=tree, env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, stdout=handle, stderr=handle,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not path.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the warm pytest server did not start (rc {server.poll()}); see {log}")
+            time.sleep(0.2)
+        yield str(path)
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _limit_session(session: Path, limit: int) -> None:
@@ -385,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rejudge", action="store_true", help="run the survivors again with the current tests"
     )
     parser.add_argument("--report-only", action="store_true", help="summarise the sessions already in --out")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="judge each mutant by a fresh pytest process, not a warm server's fork",
+    )
     args = parser.parse_args(argv)
 
     targets, operators = load_targets()
@@ -400,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
             rejudge(t, args.out)
     if not args.report_only:
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {t.name: pool.submit(run_target, t, operators, args.out, args.limit) for t in targets}
+            futures = {
+                t.name: pool.submit(run_target, t, operators, args.out, args.limit, not args.cold)
+                for t in targets
+            }
         failed = {name: f.exception() for name, f in futures.items() if f.exception()}
         for name, error in failed.items():
             print(f"target {name}: {error}", file=sys.stderr)
