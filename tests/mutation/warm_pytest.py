@@ -2,9 +2,9 @@
 every mutant's test run is a fork of it, so a mutant pays for its own tests and not for importing torch and
 transformers again (about 10 s of a cold `pytest -x` run of ~14 s on these targets, measured on 2 cores).
 
-Why hand-written: cosmic-ray runs its test command as a fresh subprocess per mutant and has no warm runner;
-mutmut 3 forks from a warm process but only with its own trampolined copy of the package, which these
-modules' `trust_remote_code` layout does not survive. The server never imports a module of this project, so
+Why hand-written: cosmic-ray runs its test command as a fresh subprocess per mutant and has no warm runner.
+mutmut 3 forks from a warm process, but through its own trampolined copy of the package: switching tools would
+remake every session and every explained survivor (not tried here). The server never imports a module of this project, so
 each fork imports the mutated file from disk as a cold run would (and writes no bytecode, like cosmic-ray's
 own runs: a mutant can keep the file's size and second-granular mtime, which a .pyc would not notice).
 
