@@ -57,9 +57,14 @@ PROJECT = (
     "space",
     "benchmarks",
 )
-# What tests/conftest.py sets before the libraries read it at import time (huggingface_hub reads the offline
-# switch into constants at import): the preloaded libraries must see the same.
-IMPORT_TIME_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _offline_env():
+    """tests/offline_env.py, the one source of the variables conftest sets (standard library only)."""
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    return importlib.import_module("offline_env")
 
 
 def _preload() -> None:
@@ -113,8 +118,7 @@ def _wait(pid: int, timeout: float) -> int:
 
 
 def serve(path: str, timeout: float) -> None:
-    for key, value in IMPORT_TIME_ENV.items():
-        os.environ.setdefault(key, value)
+    _offline_env().apply()  # what tests/conftest.py sets, before the preloaded libraries read it at import
     _preload()
     if os.path.exists(path):
         os.unlink(path)
