@@ -5,7 +5,7 @@
 # Override the interpreter with PYTHON=python3.12, the venv with VENV=DIR; LOCK= installs without the lock.
 #   make lock         re-resolve the newest versions pyproject.toml allows and rewrite requirements.lock
 #   make test-latest  the same tests in .venv-latest with the newest versions pyproject.toml allows (no lock)
-#   make mutation     mutation testing of the science code (cosmic-ray; about an hour on 2 cores; not in CI)
+#   make mutation     mutation testing of the science code (cosmic-ray; about 25 min on 2 cores from nothing; not in CI)
 
 PYTHON ?= python3
 VENV ?= .venv
