@@ -9,7 +9,6 @@ Standard library only: the warm server may import this module, never one of the 
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -19,7 +18,7 @@ OFFLINE_ENV = {
 }
 
 
-def apply(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Set each variable the caller has not set (a user's explicit choice wins, as with `setdefault`)."""
+def apply() -> None:
+    """Set each variable not set already in `os.environ` (a user's explicit choice wins, as with `setdefault`)."""
     for key, value in OFFLINE_ENV.items():
-        environ.setdefault(key, value)
+        os.environ.setdefault(key, value)

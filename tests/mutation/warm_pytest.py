@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -60,11 +61,13 @@ PROJECT = (
 
 
 def _offline_env():
-    """tests/offline_env.py, the one source of the variables conftest sets (standard library only)."""
-    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
-    return importlib.import_module("offline_env")
+    """tests/offline_env.py, the one source of the variables conftest sets (standard library only). Loaded by path,
+    neither put on sys.path nor kept in sys.modules: each fork's sys.path and conftest import stay a cold run's."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "offline_env.py")
+    spec = importlib.util.spec_from_file_location("_warm_offline_env", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _preload() -> None:
