@@ -38,7 +38,12 @@ CPU_ONLY_KEYS = {
 LOSS_TOLERANCE = 1e-4
 # The saved weights after 3 AdamW steps against the single-process run's: the measured maximum difference is ~1e-6.
 WEIGHT_TOLERANCE = 1e-4
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# PYTHONFAULTHANDLER: a rank killed by a signal (a gloo abort at teardown) prints every thread's Python stack, which
+# the assertion's stderr tail shows.
+ENV = {
+    **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONFAULTHANDLER": "1",
+}  # fmt: skip
 STEPS = 3
 
 
