@@ -22,9 +22,9 @@ from .presets import BenchPreset, build_config, build_model, generation_prompt, 
 from .timing import Case, calibrate
 
 ROUTER_MODES = ("hard", "gumbel", "softmax", "modality_aware")
-# transformers' two CPU kernels and ours (`modeling_moe_vlm/experts_kernels.py`), all selected by name through the
-# experts interface.
-KERNELS = ("eager", "grouped_mm", "sorted_top1")
+# transformers' two CPU kernels and ours (`modeling_moe_vlm/experts_kernels.py`: in Python and compiled), all selected
+# by name through the experts interface.
+KERNELS = ("eager", "grouped_mm", "sorted_top1", "sorted_top1_cpp")
 LR = 1e-6  # small: the weights barely move, so every timed step does the same arithmetic
 
 

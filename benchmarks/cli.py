@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--kernel",
         default="model",
         # "model", "auto" and benchmarks.cases.KERNELS, spelled out: importing the cases would import torch for --help
-        choices=["model", "auto", "eager", "grouped_mm", "sorted_top1"],
+        choices=["model", "auto", "eager", "grouped_mm", "sorted_top1", "sorted_top1_cpp"],
         help="experts kernel of the MoE model (model: its default; auto: the faster one in the block benchmark)",
     )
     p.add_argument(

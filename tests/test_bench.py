@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("mode", ["hard", "gumbel", "softmax", "modality_aware"])
-@pytest.mark.parametrize("kernel", ["eager", "grouped_mm", "sorted_top1"])
+@pytest.mark.parametrize("kernel", ["eager", "grouped_mm", "sorted_top1", "sorted_top1_cpp"])
 def test_naive_block_computes_the_same_function_as_the_moe_block(mode, kernel):
     from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
 

@@ -173,10 +173,10 @@ def test_experts_implementations_agree(tiny_model, processor, red_image):
     tiny_model.set_router_mode("softmax")
     inputs = _inputs(processor, red_image)
     results = {}
-    for impl in ("eager", "grouped_mm", "batched_mm", "sorted_top1"):
+    for impl in ("eager", "grouped_mm", "batched_mm", "sorted_top1", "sorted_top1_cpp"):
         tiny_model.set_experts_implementation(impl)
         results[impl] = tiny_model(**inputs).logits
-    for impl in ("grouped_mm", "batched_mm", "sorted_top1"):
+    for impl in ("grouped_mm", "batched_mm", "sorted_top1", "sorted_top1_cpp"):
         torch.testing.assert_close(results["eager"], results[impl], rtol=1e-4, atol=1e-4)
 
 

@@ -208,7 +208,8 @@ class StageArguments:
     experts_implementation: str | None = field(
         default=None,
         metadata={
-            "help": "expert kernel: eager | grouped_mm | batched_mm | sorted_top1 (ours: top-1, CPU) "
+            "help": "expert kernel: eager | grouped_mm | batched_mm | sorted_top1 | sorted_top1_cpp (ours: top-1, CPU; "
+            "_cpp compiles on first use) "
             "(default: transformers')"
         },
     )
