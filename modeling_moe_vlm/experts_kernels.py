@@ -35,7 +35,7 @@ from transformers.integrations.moe import ExpertsInterface
 KERNEL_NAME = "sorted_top1"
 
 
-def _check_supported(module, top_k_index: torch.Tensor, name: str = KERNEL_NAME) -> None:
+def _check_supported(module, top_k_index: torch.Tensor, name: str) -> None:
     if top_k_index.dim() == 2 and top_k_index.size(-1) != 1:
         raise ValueError(
             f'experts_implementation="{name}" serves top-1 routing only, but the router chose '
@@ -147,6 +147,15 @@ class _SortedTop1Experts(torch.autograd.Function):
         return grad_x, None, grad_w, grad_gate_up, grad_down
 
 
+def _call_top1(kernel, name: str, module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """What both registered forwards do around their kernel: check that `module` and the routing are ones it serves,
+    flatten the top-1 index and weights to (T,), and call `kernel(hidden, ids, weights, gate_up, down)`."""
+    _check_supported(module, top_k_index, name)
+    weights = top_k_weights.reshape(-1).to(hidden_states.dtype)  # (T,)
+    # (T, H), in hidden_states' dtype: every buffer is allocated from it
+    return kernel(hidden_states, top_k_index.reshape(-1), weights, module.gate_up_proj, module.down_proj)
+
+
 def sorted_top1_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -154,12 +163,7 @@ def sorted_top1_experts_forward(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """The `ExpertsInterface` signature: hidden_states (T, H), top_k_index / top_k_weights (T, 1) -> (T, H)."""
-    _check_supported(self, top_k_index)
-    weights = top_k_weights.reshape(-1).to(hidden_states.dtype)  # (T,)
-    # (T, H), in hidden_states' dtype: every buffer is allocated from it
-    return _SortedTop1Experts.apply(
-        hidden_states, top_k_index.reshape(-1), weights, self.gate_up_proj, self.down_proj
-    )
+    return _call_top1(_SortedTop1Experts.apply, KERNEL_NAME, self, hidden_states, top_k_index, top_k_weights)
 
 
 ExpertsInterface.register(KERNEL_NAME, sorted_top1_experts_forward)
@@ -318,10 +322,8 @@ def sorted_top1_cpp_experts_forward(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """`sorted_top1_experts_forward` through the compiled kernel: hidden_states (T, H), top_k_* (T, 1) -> (T, H)."""
-    _check_supported(self, top_k_index, CPP_KERNEL_NAME)
-    weights = top_k_weights.reshape(-1).to(hidden_states.dtype)  # (T,)
-    return _compiled().sorted_top1(
-        hidden_states, top_k_index.reshape(-1), weights, self.gate_up_proj, self.down_proj
+    return _call_top1(
+        _compiled().sorted_top1, CPP_KERNEL_NAME, self, hidden_states, top_k_index, top_k_weights
     )
 
 
