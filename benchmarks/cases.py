@@ -25,6 +25,8 @@ ROUTER_MODES = ("hard", "gumbel", "softmax", "modality_aware")
 # transformers' two CPU kernels and ours (`modeling_moe_vlm/experts_kernels.py`: in Python and compiled), all selected
 # by name through the experts interface.
 KERNELS = ("eager", "grouped_mm", "sorted_top1", "sorted_top1_cpp")
+# the fastest pair on CPU at the tiny size: the compiled experts kernel and the compiled router
+FAST_KERNEL, FAST_ROUTER = "sorted_top1_cpp", "fused_cpp"
 LR = 1e-6  # small: the weights barely move, so every timed step does the same arithmetic
 
 
@@ -182,10 +184,11 @@ def block_section(preset: BenchPreset, settings: Settings) -> Section:
     grad_out = torch.randn_like(x)
     mask = _image_mask(preset, batch_size, device)
 
-    def setup(mode: str, kernel: str):
+    def setup(mode: str, kernel: str, router: str = "eager"):
         def before():
             config.router_mode = mode
             config._experts_implementation = kernel
+            config.router_implementation = router
 
         return before
 
@@ -216,13 +219,15 @@ def block_section(preset: BenchPreset, settings: Settings) -> Section:
         )
         comparisons.append(Comparison(name, "dense MLP"))
     for mode in ("hard", "gumbel"):
-        for kernel in KERNELS:
-            name = f"MoE block {mode} [{kernel}]"
+        # every experts kernel with the eager router, then the compiled kernels together (the router compiled too:
+        # `router_implementation="fused_cpp"`, modeling_moe_vlm/router_kernels.py)
+        for kernel, router in [*((k, "eager") for k in KERNELS), (FAST_KERNEL, FAST_ROUTER)]:
+            name = f"MoE block {mode} [{kernel}" + (f", router {router}]" if router != "eager" else "]")
             cases.append(
                 Case(
                     name,
                     repeated(moe, mask),
-                    before=setup(mode, kernel),
+                    before=setup(mode, kernel, router),
                     items=tokens,
                     resident=resident,
                 )

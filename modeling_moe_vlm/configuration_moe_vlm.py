@@ -14,6 +14,8 @@ from transformers import MistralConfig, PreTrainedConfig
 ROUTER_MODES = ("hard", "gumbel", "softmax", "modality_aware")
 CONNECTOR_TYPES = ("linear", "mlp2x_gelu")
 ROUTER_DROPOUT_PLACES = ("logits", "input")
+# How the router computes its decision: its PyTorch code, or the same function compiled (`router_kernels.py`)
+ROUTER_IMPLEMENTATIONS = ("eager", "fused_cpp")
 # The token modalities (equal to `configuration.contract.MODALITIES`: remote code cannot import it; a test checks).
 MODALITIES = ("image", "text")
 # Each router loss's coefficient (a config field) -> the unweighted term the model returns (`router_losses`): the
@@ -181,6 +183,10 @@ class MoeVlmConfig(MistralConfig):
             router reads, the placement used before this field existed; configs saved then all had dropout 0, so
             they route the same under either). Dropout changes the routing decision only: the recorded
             `router_logits` are the router's own, before dropout and noise.
+        router_implementation (`str`, defaults to `"eager"`): how the router computes its decision: `"eager"` (its
+            PyTorch code) or `"fused_cpp"` (the same function compiled as one autograd node, CPU only, built on
+            first use; faster at the tiny size, equal up to float rounding: `router_kernels.py`). Like
+            `experts_implementation`, a choice of kernel, not of model.
         modality_to_expert (`dict`): `{"image": 0, "text": 1}` by default (the vision expert is expert 0). Configs
             saved before the modality was called "image" everywhere (key `"vision"`) load unchanged.
         modality_embed_dim (`int`): size of the learned modality embedding of the `modality_aware` router.
@@ -239,6 +245,7 @@ class MoeVlmConfig(MistralConfig):
     router_init_std: float | int | None = None
     router_dropout: float | int = 0.0
     router_dropout_on: str = "logits"
+    router_implementation: str = "eager"
     modality_to_expert: dict | None = None
     modality_embed_dim: int = 16
     router_aux_loss_coef: float | int = 0.0
@@ -315,6 +322,10 @@ class MoeVlmConfig(MistralConfig):
             raise ValueError(
                 f"router_dropout_on must be one of {ROUTER_DROPOUT_PLACES}, got {self.router_dropout_on!r}"
             )
+        if self.router_implementation not in ROUTER_IMPLEMENTATIONS:
+            raise ValueError(
+                f"router_implementation must be one of {ROUTER_IMPLEMENTATIONS}, got {self.router_implementation!r}"
+            )
         if self.router_init_std is not None and self.router_init_std < 0:
             raise ValueError(f"router_init_std must be >= 0, got {self.router_init_std}")
         for name in (*ROUTER_LOSSES, "router_bias_update_rate"):
@@ -376,4 +387,5 @@ __all__ = [
     "ROUTER_MODES",
     "CONNECTOR_TYPES",
     "ROUTER_DROPOUT_PLACES",
+    "ROUTER_IMPLEMENTATIONS",
 ]

@@ -18,19 +18,19 @@ Scope (checked, with a clear error otherwise): top-1 routing, SiLU-gated experts
 the host per call (the per-expert token counts), so it is meant for CPU and small models; on a GPU prefer
 `grouped_mm`. No double backward.
 
-`sorted_top1_cpp` is the same kernel compiled (a C++ `torch::autograd::Function`, built on first use with torch's
-`cpp_extension`; needs g++ and ninja): equal outputs and gradients, and less per-call overhead, which is what bounds
-the Python one at the tiny size (README, Benchmarks).
+`sorted_top1_cpp` is the same kernel compiled (a C++ `torch::autograd::Function` in `cpp_kernels.py`, built on first
+use with torch's `cpp_extension`; needs g++ and ninja): equal outputs and gradients, and less per-call overhead, which
+is what bounds the Python one at the tiny size (README, Benchmarks). On CPU it sorts by counting and fuses each
+gather with the multiply by the gate weight.
 """
 
 from __future__ import annotations
 
-import functools
-import subprocess
-
 import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import ExpertsInterface
+
+from .cpp_kernels import BuildError, compiled
 
 KERNEL_NAME = "sorted_top1"
 
@@ -123,6 +123,9 @@ class _SortedTop1Experts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, expert_ids, weights, gate_up, down):
+        # ids and weights (T,) or as the router returns them, (T, 1): no view node between the router and this one
+        ctx.weights_shape = weights.shape
+        expert_ids, weights = expert_ids.reshape(-1), weights.reshape(-1)
         counts = torch.bincount(expert_ids, minlength=gate_up.size(0)).tolist()  # the one host sync
         perm = torch.argsort(expert_ids, stable=True)  # (T,) rows in expert order
         inv = torch.argsort(perm)  # (T,) back to token order
@@ -144,16 +147,23 @@ class _SortedTop1Experts(torch.autograd.Function):
             gy, ctx.counts, x, g, u, act, h, gate_up, down, need_x, need_gate_up, need_down
         )
         grad_x = gx.index_select(0, inv) if need_x else None
+        grad_w = grad_w.view(ctx.weights_shape) if need_w else None
         return grad_x, None, grad_w, grad_gate_up, grad_down
 
 
 def _call_top1(kernel, name: str, module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
     """What both registered forwards do around their kernel: check that `module` and the routing are ones it serves,
-    flatten the top-1 index and weights to (T,), and call `kernel(hidden, ids, weights, gate_up, down)`."""
+    and call `kernel(hidden, ids, weights, gate_up, down)` with the top-1 index and weights as the router returns
+    them, (T, 1) (each kernel flattens them inside, so the graph gets no view node)."""
     _check_supported(module, top_k_index, name)
-    weights = top_k_weights.reshape(-1).to(hidden_states.dtype)  # (T,)
     # (T, H), in hidden_states' dtype: every buffer is allocated from it
-    return kernel(hidden_states, top_k_index.reshape(-1), weights, module.gate_up_proj, module.down_proj)
+    return kernel(
+        hidden_states,
+        top_k_index,
+        top_k_weights.to(hidden_states.dtype),
+        module.gate_up_proj,
+        module.down_proj,
+    )
 
 
 def sorted_top1_experts_forward(
@@ -173,145 +183,16 @@ ExpertsInterface.register(KERNEL_NAME, sorted_top1_experts_forward)
 
 CPP_KERNEL_NAME = "sorted_top1_cpp"
 
-# `_SortedTop1Experts` above, line for line in C++ (the same sort, gathers, per-expert matmuls into contiguous buffers
-# and written-out backward). Why: at the tiny size what separates `sorted_top1` from the dense MLP is per-operation
-# Python and autograd-node overhead, not arithmetic; in C++ the whole experts call is one autograd node whose ~40
-# aten calls skip the interpreter. Kept as a string in this file (not a .cpp beside it) because transformers' remote
-# code copies only the Python files the modeling file imports. torch has no compiled top-1 experts kernel for CPU and
-# no well-kept library ships one, hence written here.
-_CPP_SOURCE = r"""
-using torch::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
-// mm into a view (at::mm_out takes its out by lvalue reference)
-static void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
-
-// Rows of x are in expert order: counts[0] rows through expert 0, then counts[1] through expert 1, ...
-static void grouped_swiglu_forward(const Tensor& x, const std::vector<int64_t>& counts, const Tensor& gate_up,
-                                   const Tensor& down, Tensor& g, Tensor& u, Tensor& act, Tensor& h, Tensor& y) {
-  const int64_t inter = down.size(-1), rows = x.size(0);
-  g = at::empty({rows, inter}, x.options());
-  u = at::empty({rows, inter}, x.options());
-  y = at::empty({rows, down.size(1)}, x.options());
-  int64_t off = 0;
-  for (size_t e = 0; e < counts.size(); ++e) {
-    const int64_t n = counts[e];
-    if (!n) continue;
-    const Tensor xs = x.narrow(0, off, n);
-    const Tensor w = gate_up.select(0, e);
-    mm_into(g.narrow(0, off, n), xs, w.narrow(0, 0, inter).t());
-    mm_into(u.narrow(0, off, n), xs, w.narrow(0, inter, inter).t());
-    off += n;
-  }
-  act = at::silu(g);
-  h = act * u;
-  off = 0;
-  for (size_t e = 0; e < counts.size(); ++e) {
-    const int64_t n = counts[e];
-    if (!n) continue;
-    mm_into(y.narrow(0, off, n), h.narrow(0, off, n), down.select(0, e).t());
-    off += n;
-  }
-}
-
-static Tensor weight_grad(const Tensor& weight, const std::vector<int64_t>& counts) {
-  Tensor grad = at::empty_like(weight);
-  for (size_t e = 0; e < counts.size(); ++e)
-    if (!counts[e]) grad.select(0, e).zero_();
-  return grad;
-}
-
-struct SortedTop1 : public torch::autograd::Function<SortedTop1> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& hidden, const Tensor& expert_ids, const Tensor& weights,
-                        const Tensor& gate_up, const Tensor& down) {
-    const int64_t num_experts = gate_up.size(0);
-    const Tensor counts_t = at::bincount(expert_ids, {}, num_experts).cpu();  // the one host sync
-    const int64_t* c = counts_t.data_ptr<int64_t>();
-    std::vector<int64_t> counts(c, c + num_experts);
-    const Tensor perm = std::get<1>(at::sort(expert_ids, /*stable=*/true, 0, false));  // (T,) expert order
-    const Tensor inv = at::argsort(perm);                                             // (T,) token order
-    const Tensor x = hidden.index_select(0, perm);                                   // (T, H)
-    Tensor g, u, act, h, y;
-    grouped_swiglu_forward(x, counts, gate_up, down, g, u, act, h, y);
-    const Tensor w = weights.index_select(0, perm).unsqueeze(-1);  // (T, 1)
-    ctx->save_for_backward({perm, inv, x, g, u, act, h, y, w, gate_up, down});
-    ctx->saved_data["counts"] = counts;
-    return (y * w).index_select(0, inv);  // (T, H), token order
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &perm = saved[0], &inv = saved[1], &x = saved[2], &g = saved[3], &u = saved[4], &act = saved[5],
-                 &h = saved[6], &y = saved[7], &w = saved[8], &gate_up = saved[9], &down = saved[10];
-    const std::vector<int64_t> counts = ctx->saved_data["counts"].toIntVector();
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(2);
-    const bool need_gate_up = ctx->needs_input_grad(3), need_down = ctx->needs_input_grad(4);
-    const int64_t inter = down.size(-1);
-    Tensor go = grad_outputs[0].index_select(0, perm);  // (T, H), expert order
-    Tensor grad_w = need_w ? at::linalg_vecdot(go, y).index_select(0, inv) : Tensor();  // (T,)
-    Tensor gy = go.mul_(w);  // (T, H)
-    Tensor gh = at::empty_like(h);
-    Tensor grad_down = need_down ? weight_grad(down, counts) : Tensor();
-    int64_t off = 0;
-    for (size_t e = 0; e < counts.size(); ++e) {
-      const int64_t n = counts[e];
-      if (!n) continue;
-      mm_into(gh.narrow(0, off, n), gy.narrow(0, off, n), down.select(0, e));
-      if (need_down) mm_into(grad_down.select(0, e), gy.narrow(0, off, n).t(), h.narrow(0, off, n));
-      off += n;
-    }
-    Tensor dg = at::silu_backward(gh * u, g);  // (T, I)
-    Tensor du = gh.mul_(act);                    // (T, I)
-    Tensor grad_gate_up = need_gate_up ? weight_grad(gate_up, counts) : Tensor();
-    Tensor gx = need_x ? at::empty_like(x) : Tensor();
-    off = 0;
-    for (size_t e = 0; e < counts.size(); ++e) {
-      const int64_t n = counts[e];
-      if (!n) continue;
-      const Tensor wt = gate_up.select(0, e);
-      const Tensor dgs = dg.narrow(0, off, n), dus = du.narrow(0, off, n);
-      if (need_x) {
-        Tensor gxs = gx.narrow(0, off, n);
-        mm_into(gxs, dgs, wt.narrow(0, 0, inter));
-        gxs.addmm_(dus, wt.narrow(0, inter, inter));
-      }
-      if (need_gate_up) {
-        const Tensor xs = x.narrow(0, off, n);
-        Tensor gw = grad_gate_up.select(0, e);
-        mm_into(gw.narrow(0, 0, inter), dgs.t(), xs);
-        mm_into(gw.narrow(0, inter, inter), dus.t(), xs);
-      }
-      off += n;
-    }
-    Tensor grad_x = need_x ? gx.index_select(0, inv) : Tensor();
-    return {grad_x, Tensor(), grad_w, grad_gate_up, grad_down};
-  }
-};
-
-Tensor sorted_top1(const Tensor& hidden, const Tensor& expert_ids, const Tensor& weights, const Tensor& gate_up,
-                   const Tensor& down) {
-  return SortedTop1::apply(hidden, expert_ids, weights, gate_up, down);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("sorted_top1", &sorted_top1); }
-"""
-
-
-@functools.cache
 def _compiled():
-    """Build the extension once per machine (torch caches it under $TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions:
-    about 40 s the first time on 2 cores, a second after) and load it."""
-    from torch.utils.cpp_extension import load_inline
-
+    """The compiled extension (`cpp_kernels.py`), or an error that says what to install and that `sorted_top1`, the
+    same kernel in Python, needs neither."""
     try:
-        return load_inline(name="moe_vlm_sorted_top1", cpp_sources=_CPP_SOURCE, extra_cflags=["-O3"])
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        return compiled()
+    except BuildError as error:
         raise RuntimeError(
-            f'experts_implementation="{CPP_KERNEL_NAME}" builds a C++ extension on first use and the build failed '
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Install a C++ compiler "
-            f'(g++) and ninja (`pip install ninja`), or use experts_implementation="{KERNEL_NAME}", the same kernel '
-            "in Python."
+            f'experts_implementation="{CPP_KERNEL_NAME}": {error}, or use experts_implementation="{KERNEL_NAME}", '
+            "the same kernel in Python."
         ) from error
 
 

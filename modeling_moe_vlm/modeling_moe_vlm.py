@@ -52,6 +52,8 @@ from .configuration_moe_vlm import ROUTER_LOSSES, MoeVlmConfig, MoeVlmVisionConf
 
 # Imported for its side effect: it registers experts_implementation="sorted_top1" in transformers' ExpertsInterface.
 from .experts_kernels import KERNEL_NAME  # noqa: F401
+from .router_kernels import FUSED as FUSED_ROUTER
+from .router_kernels import fused_route
 
 
 @dataclass
@@ -136,6 +138,16 @@ class MoeVlmRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, is_image: torch.Tensor):
         # hidden_states: (tokens, hidden); is_image: (tokens,) bool
+        if self.config.router_implementation == FUSED_ROUTER and hidden_states.device.type == "cpu":
+            logits, weights, index = fused_route(self, hidden_states, is_image)  # the same function, compiled
+        else:
+            logits, weights, index = self._route(hidden_states, is_image)
+        if self.invert:
+            index = (index + 1) % self.num_experts
+        return logits, weights, index
+
+    def _route(self, hidden_states: torch.Tensor, is_image: torch.Tensor):
+        """The eager router (`router_implementation="eager"`, the default): (logits, weights, index)."""
         mode = self.config.router_mode
         p = self.config.router_dropout if self.training and mode != "hard" else 0.0
         on_input = p > 0 and self.config.router_dropout_on == "input"
@@ -167,8 +179,6 @@ class MoeVlmRouter(nn.Module):
                 gates = F.one_hot(decide.argmax(dim=-1), self.num_experts).float()
             index = gates.argmax(dim=-1, keepdim=True)
             weights = gates.gather(-1, index)  # value 1, gradient through the soft sample
-        if self.invert:
-            index = (index + 1) % self.num_experts
         return logits, weights.to(hidden_states.dtype), index
 
 

@@ -107,7 +107,9 @@ def test_save_and_remote_code_load_in_fresh_process(tmp_path, processor, red_ima
         "modeling_moe_vlm.py",
         "configuration_moe_vlm.py",
         "processing_moe_vlm.py",
-        "experts_kernels.py",  # a sibling the modeling file imports: save_pretrained copies it too
+        "experts_kernels.py",  # siblings the modeling file imports (and theirs): save_pretrained copies them too
+        "router_kernels.py",
+        "cpp_kernels.py",
         "model.safetensors",
     ):
         assert (folder / name).is_file(), name

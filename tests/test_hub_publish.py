@@ -73,7 +73,8 @@ CAPTIONING = {
 }  # fmt: skip
 EXPECTED_FILES = {
     "README.md", "config.json", "generation_config.json", "model.safetensors", "configuration_moe_vlm.py",
-    "modeling_moe_vlm.py", "processing_moe_vlm.py", "experts_kernels.py", "processor_config.json", "tokenizer.json",
+    "modeling_moe_vlm.py", "processing_moe_vlm.py", "experts_kernels.py", "router_kernels.py", "cpp_kernels.py",
+    "processor_config.json", "tokenizer.json",
     "tokenizer_config.json", "chat_template.jinja", "routing_stats.json", "analysis.json", "captioning.json",
     "figures/expert_load.png", "figures/routing_stage1.png", "figures/routing_stage2.png",
 }  # fmt: skip

@@ -213,6 +213,13 @@ class StageArguments:
             "(default: transformers')"
         },
     )
+    router_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "router kernel: eager | fused_cpp (ours: the same router compiled, CPU, built on first use) "
+            "(default: the model's, eager)"
+        },
+    )
     keep_checkpoints: bool = field(
         default=False,
         metadata={

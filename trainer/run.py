@@ -87,6 +87,8 @@ def load_model(args: StageArguments):
     kwargs = {"trust_remote_code": True, "dtype": getattr(torch, args.model_dtype)}
     if args.experts_implementation is not None:
         kwargs["experts_implementation"] = args.experts_implementation
+    if args.router_implementation is not None:  # a config field: from_pretrained sets it on the loaded config
+        kwargs["router_implementation"] = args.router_implementation
     return from_pretrained_checked(
         AutoModelForCausalLM, args.model_name_or_path, allow_pickle=args.allow_pickle, **kwargs
     )

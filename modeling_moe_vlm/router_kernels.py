@@ -1,0 +1,85 @@
+"""`router_implementation="fused_cpp"`: the router's top-1 decision as one compiled autograd node (`route_top1` in
+`cpp_kernels.py`), beside the default `"eager"` (the router's PyTorch code in `MoeVlmRouter`).
+
+Why: at the embedded default's size the straight-through Gumbel router is ~15 small aten calls on a (tokens, 2)
+tensor, and their per-call overhead (about 0.45 ms forward + backward at 512 tokens, an eighth of the dense MLP;
+README, Benchmarks) is what keeps the MoE block above the dense MLP once the experts kernel costs what the MLP does.
+Compiled, the logits, the choice, the weight and their backward are one pass over the tokens.
+
+The same function as the eager router (tests/test_router_kernels.py): the same logits, the same experts chosen and
+the same weights, and the same gradients, in every router mode, with dropout on the logits and the auxiliary-free
+bias. The random draws are the eager router's (`bernoulli_` for dropout, then one `exponential_` for the Gumbel
+noise, in that order, on tensors of the same shape), so a seed gives the same routing. Not bit-identical: the dot
+products, `exp` and `log` round in their own order (differences of float32 rounding, ~1e-7 relative). The eager
+router stays the default, so the published results are computed by it.
+
+Scope: CPU tensors (on another device the eager router runs: it is the faster there) and dropout on the logits
+(`router_dropout_on="input"` with dropout in training raises).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .configuration_moe_vlm import ROUTER_IMPLEMENTATIONS
+from .cpp_kernels import BuildError, compiled
+
+EAGER, FUSED = ROUTER_IMPLEMENTATIONS
+
+# route_top1's `kind` (cpp_kernels.py, RouteKind)
+_STRAIGHT_THROUGH_GUMBEL, _ARGMAX, _SOFTMAX, _MODALITY = 0, 1, 2, 3
+
+
+def _kernel():
+    try:
+        return compiled().route_top1
+    except BuildError as error:
+        raise RuntimeError(
+            f'router_implementation="{FUSED}": {error}, or use router_implementation="{EAGER}" (the default).'
+        ) from error
+
+
+def fused_route(router: torch.nn.Module, hidden_states: torch.Tensor, is_image: torch.Tensor):
+    """`MoeVlmRouter.forward`'s routing through the compiled kernel: hidden_states (T, H), is_image (T,) bool ->
+    logits (T, E) (the router's own, no dropout or noise), weights (T, 1), index (T, 1)."""
+    config = router.config
+    mode = config.router_mode
+    p = config.router_dropout if router.training and mode != "hard" else 0.0
+    if p > 0 and config.router_dropout_on == "input":
+        raise ValueError(
+            f'router_implementation="{FUSED}" applies router dropout on the logits only, but router_dropout_on='
+            f'"input": set router_dropout_on="logits" or router_implementation="{EAGER}"'
+        )
+    if mode == "softmax" and config.num_experts_per_tok != 1:
+        raise ValueError(
+            f'router_implementation="{FUSED}" routes top-1, but num_experts_per_tok={config.num_experts_per_tok}: '
+            f'use router_implementation="{EAGER}"'
+        )
+    offset = None  # modality_aware: the learned per-modality term, part of the returned logits (T, E)
+    if mode == "modality_aware":
+        offset = router.modality_proj(router.modality_embedding(is_image.long()))
+    # F.dropout's draw on CPU, on a tensor of the logits' shape and dtype: the eager router's random stream
+    drop = None
+    if p > 0:
+        drop = torch.empty(hidden_states.size(0), router.num_experts, dtype=hidden_states.dtype)
+        drop = drop.bernoulli_(1 - p).div_(1 - p)  # (T, E)
+    bias = router.expert_bias if config.router_bias_update_rate else None  # (E,), the decision only
+    if mode == "hard":
+        kind = _MODALITY
+    elif mode == "softmax":
+        kind = _SOFTMAX
+    else:
+        kind = _STRAIGHT_THROUGH_GUMBEL if router.training else _ARGMAX
+    roles = config.modality_to_expert
+    return _kernel()(
+        hidden_states,
+        router.weight,
+        offset,
+        drop,
+        bias,
+        is_image,
+        float(config.gumbel_tau),
+        kind,
+        roles["image"],
+        roles["text"],
+    )
