@@ -262,6 +262,13 @@ enum RouteKind : int64_t {
   kModality = 3,               // hard: the modality's expert, weight 1, no gradient
 };
 
+// An absent optional input or saved tensor: one empty tensor, allocated once (autograd's apply takes no undefined
+// tensors, and an empty one is what `given` tests for)
+static const Tensor& none() {
+  static const Tensor empty = at::empty({0});
+  return empty;
+}
+
 // logits = hidden @ weight.T (+ offset); d = logits (* drop) (+ bias), in float32 as the eager router's `.float()`.
 struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
   static variable_list forward(AutogradContext* ctx, const Tensor& hidden_in, const Tensor& weight_in,
@@ -288,7 +295,7 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
     Tensor logits = at::empty({tokens, experts}, hidden.options());
     Tensor weights = at::empty({tokens, 1}, hidden.options());
     Tensor index = at::empty({tokens, 1}, hidden.options().dtype(at::kLong));
-    Tensor probs = soft ? at::empty({tokens, experts}, hidden.options().dtype(at::kFloat)) : at::empty({0});
+    Tensor probs = soft ? at::empty({tokens, experts}, hidden.options().dtype(at::kFloat)) : none();
     const float tau_f = static_cast<float>(tau);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "route_top1", [&] {
       const scalar_t* r = raw.data_ptr<scalar_t>();
@@ -335,10 +342,9 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
     });
     ctx->mark_non_differentiable(soft ? variable_list{index} : variable_list{index, weights});
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({hidden, weight, drop.defined() ? drop : at::empty({0}), probs, index});
-    ctx->saved_data["kind"] = kind;
+    ctx->save_for_backward({hidden, weight, drop.defined() ? drop : none(), probs, index});
+    ctx->saved_data["kind"] = kind;  // the dropout scale was given: numel > 0
     ctx->saved_data["tau"] = tau;
-    ctx->saved_data["has_drop"] = drop.defined();
     return {logits, weights, index};
   }
 
@@ -350,19 +356,18 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
     const Tensor &hidden = saved[0], &weight = saved[1], &drop = saved[2], &probs = saved[3], &index = saved[4];
     const int64_t kind = ctx->saved_data["kind"].toInt();
     const float tau = static_cast<float>(ctx->saved_data["tau"].toDouble());
-    const bool has_drop = ctx->saved_data["has_drop"].toBool();
+    const bool has_drop = drop.numel() > 0;
     const int64_t tokens = hidden.size(0), experts = weight.size(0);
-    const Tensor g_logits = grads[0].defined() ? grads[0].contiguous() : Tensor();
-    const Tensor g_weights = grads[1].defined() ? grads[1].contiguous() : Tensor();
+    const Tensor g_logits = grads[0].defined() ? grads[0].to(hidden.scalar_type()).contiguous() : Tensor();
+    const Tensor g_weights = grads[1].defined() ? grads[1].to(hidden.scalar_type()).contiguous() : Tensor();
     const bool soft = kind == kStraightThroughGumbel || kind == kSoftmax;
     const bool need_hidden = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1),
                need_offset = ctx->needs_input_grad(2);
     // (T, E) the logits' gradient
-    Tensor dl = g_logits.defined() ? g_logits.to(hidden.scalar_type()).clone()
-                                   : at::zeros({tokens, experts}, hidden.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "route_top1_backward", [&] {
-      scalar_t* d = dl.data_ptr<scalar_t>();
-      if (soft && g_weights.defined()) {
+    Tensor dl = g_logits.defined() ? g_logits.clone() : at::zeros({tokens, experts}, hidden.options());
+    if (soft && g_weights.defined()) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "route_top1_backward", [&] {
+        scalar_t* d = dl.data_ptr<scalar_t>();
         const scalar_t* gw = g_weights.data_ptr<scalar_t>();
         const float* p = probs.data_ptr<float>();
         const int64_t* ix = index.data_ptr<int64_t>();
@@ -379,8 +384,8 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
             d[t * experts + j] = d[t * experts + j] + dd;
           }
         }
-      }
-    });
+      });
+    }
     Tensor grad_hidden = need_hidden ? at::mm(dl, weight) : Tensor();      // (T, H) = dl (T, E) @ weight (E, H)
     Tensor grad_weight = need_weight ? at::mm(dl.t(), hidden) : Tensor();  // (E, H) = dl.T (E, T) @ hidden (T, H)
     return {grad_hidden, grad_weight, need_offset ? dl : Tensor(), Tensor(), Tensor(), Tensor(),
@@ -392,9 +397,8 @@ std::vector<Tensor> route_top1(const Tensor& hidden, const Tensor& weight, const
                                const c10::optional<Tensor>& drop, const c10::optional<Tensor>& bias,
                                const c10::optional<Tensor>& is_image, double tau, int64_t kind, int64_t vision,
                                int64_t text) {
-  const Tensor absent = at::empty({0}, hidden.options());
-  return RouteTop1::apply(hidden, weight, offset.value_or(absent), drop.value_or(absent), bias.value_or(absent),
-                          is_image.value_or(absent), tau, kind, vision, text);
+  return RouteTop1::apply(hidden, weight, offset.value_or(none()), drop.value_or(none()), bias.value_or(none()),
+                          is_image.value_or(none()), tau, kind, vision, text);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

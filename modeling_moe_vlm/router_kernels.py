@@ -43,43 +43,35 @@ def fused_route(router: torch.nn.Module, hidden_states: torch.Tensor, is_image: 
     """`MoeVlmRouter.forward`'s routing through the compiled kernel: hidden_states (T, H), is_image (T,) bool ->
     logits (T, E) (the router's own, no dropout or noise), weights (T, 1), index (T, 1)."""
     config = router.config
-    mode = config.router_mode
-    p = config.router_dropout if router.training and mode != "hard" else 0.0
+    mode = config.router_mode  # each config read costs about a microsecond (transformers' __getattribute__)
+    training = router.training
+    p = config.router_dropout if training and mode != "hard" else 0.0
     if p > 0 and config.router_dropout_on == "input":
         raise ValueError(
             f'router_implementation="{FUSED}" applies router dropout on the logits only, but router_dropout_on='
             f'"input": set router_dropout_on="logits" or router_implementation="{EAGER}"'
         )
-    if mode == "softmax" and config.num_experts_per_tok != 1:
-        raise ValueError(
-            f'router_implementation="{FUSED}" routes top-1, but num_experts_per_tok={config.num_experts_per_tok}: '
-            f'use router_implementation="{EAGER}"'
-        )
-    offset = None  # modality_aware: the learned per-modality term, part of the returned logits (T, E)
-    if mode == "modality_aware":
-        offset = router.modality_proj(router.modality_embedding(is_image.long()))
-    # F.dropout's draw on CPU, on a tensor of the logits' shape and dtype: the eager router's random stream
-    drop = None
-    if p > 0:
+    offset, drop, vision, text = None, None, 0, 0
+    if mode == "hard":
+        kind = _MODALITY
+        roles = config.modality_to_expert
+        vision, text = roles["image"], roles["text"]
+    elif mode == "softmax":
+        if config.num_experts_per_tok != 1:
+            raise ValueError(
+                f'router_implementation="{FUSED}" routes top-1, but num_experts_per_tok='
+                f'{config.num_experts_per_tok}: use router_implementation="{EAGER}"'
+            )
+        kind = _SOFTMAX
+    else:
+        kind = _STRAIGHT_THROUGH_GUMBEL if training else _ARGMAX
+        if mode == "modality_aware":  # the learned per-modality term, part of the returned logits (T, E)
+            offset = router.modality_proj(router.modality_embedding(is_image.long()))
+    if (
+        p > 0
+    ):  # F.dropout's draw on CPU, on a tensor of the logits' shape and dtype: the eager router's stream
         drop = torch.empty(hidden_states.size(0), router.num_experts, dtype=hidden_states.dtype)
         drop = drop.bernoulli_(1 - p).div_(1 - p)  # (T, E)
     bias = router.expert_bias if config.router_bias_update_rate else None  # (E,), the decision only
-    if mode == "hard":
-        kind = _MODALITY
-    elif mode == "softmax":
-        kind = _SOFTMAX
-    else:
-        kind = _STRAIGHT_THROUGH_GUMBEL if router.training else _ARGMAX
-    roles = config.modality_to_expert
-    return _kernel()(
-        hidden_states,
-        router.weight,
-        offset,
-        drop,
-        bias,
-        is_image,
-        float(config.gumbel_tau),
-        kind,
-        roles["image"],
-        roles["text"],
-    )
+    tau = float(config.gumbel_tau) if kind == _STRAIGHT_THROUGH_GUMBEL else 1.0
+    return _kernel()(hidden_states, router.weight, offset, drop, bias, is_image, tau, kind, vision, text)

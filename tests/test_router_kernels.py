@@ -15,6 +15,7 @@ MODES = ["hard", "gumbel", "softmax", "modality_aware"]
 
 
 def _router(mode: str, dtype=torch.float64, **overrides) -> MoeVlmRouter:
+    overrides.setdefault("gumbel_tau", 0.7)  # not 1, so a lost division by tau shows
     router = MoeVlmRouter(tiny_config(router_mode=mode, **overrides)).to(dtype)
     torch.manual_seed(0)
     with torch.no_grad():
