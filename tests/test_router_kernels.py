@@ -130,6 +130,26 @@ def test_gradients_of_the_logits_by_finite_differences():
         assert torch.autograd.gradcheck(logits_only, (x, w, offset))
 
 
+def test_the_named_implementation_is_the_one_that_runs(monkeypatch):
+    """The two agree to rounding, so equality alone cannot tell which ran: count the compiled kernel's calls."""
+    from modeling_moe_vlm import router_kernels
+
+    calls = []
+    kernel = router_kernels._kernel
+
+    def counted():
+        calls.append(1)
+        return kernel()
+
+    monkeypatch.setattr(router_kernels, "_kernel", counted)
+    router = _router("gumbel").train()
+    x, is_image = _tokens()
+    for implementation, expected in (("eager", 0), ("fused_cpp", 1), ("eager", 1)):
+        router.config.router_implementation = implementation
+        router(x, is_image)
+        assert len(calls) == expected, implementation
+
+
 def test_selected_through_the_config_and_from_pretrained(tmp_path):
     config = tiny_config(router_mode="gumbel")
     assert config.router_implementation == "eager"
