@@ -51,11 +51,9 @@ def fused_route(router: torch.nn.Module, hidden_states: torch.Tensor, is_image: 
             f'router_implementation="{FUSED}" applies router dropout on the logits only, but router_dropout_on='
             f'"input": set router_dropout_on="logits" or router_implementation="{EAGER}"'
         )
-    offset, drop, vision, text = None, None, 0, 0
+    offset, drop = None, None
     if mode == "hard":
         kind = _MODALITY
-        roles = config.modality_to_expert
-        vision, text = roles["image"], roles["text"]
     elif mode == "softmax":
         if config.num_experts_per_tok != 1:
             raise ValueError(
@@ -73,5 +71,16 @@ def fused_route(router: torch.nn.Module, hidden_states: torch.Tensor, is_image: 
         drop = torch.empty(hidden_states.size(0), router.num_experts, dtype=hidden_states.dtype)
         drop = drop.bernoulli_(1 - p).div_(1 - p)  # (T, E)
     bias = router.expert_bias if config.router_bias_update_rate else None  # (E,), the decision only
-    tau = float(config.gumbel_tau) if kind == _STRAIGHT_THROUGH_GUMBEL else 1.0
-    return _kernel()(hidden_states, router.weight, offset, drop, bias, is_image, tau, kind, vision, text)
+    roles = config.modality_to_expert  # read by the modality kind only, tau by the Gumbel sample only
+    return _kernel()(
+        hidden_states,
+        router.weight,
+        offset,
+        drop,
+        bias,
+        is_image,
+        float(config.gumbel_tau),
+        kind,
+        roles["image"],
+        roles["text"],
+    )
