@@ -8,7 +8,8 @@
   a multiply); elsewhere it runs the same aten calls as the Python kernel.
 - `route_top1`: the router's top-1 decision `router_implementation="fused_cpp"` runs (`router_kernels.py`): the
   logits, the straight-through Gumbel-softmax (or softmax, argmax, modality) choice and the weight the expert output
-  is multiplied by, and their backward into the hidden states and the router weight, in one pass over the tokens.
+  is multiplied by in one pass over the tokens, and their backward into the hidden states and the router weight
+  (one pass for the logits' gradient, then two matmuls).
 
 Why compiled: at the embedded default's size (hidden 128, two experts, ~500 tokens a batch) a dense MLP's forward +
 backward takes a few milliseconds, and what an MoE block costs beyond it is per-operation Python and autograd-node
@@ -263,11 +264,15 @@ enum RouteKind : int64_t {
 };
 
 // An absent optional input or saved tensor: one empty tensor, allocated once (autograd's apply takes no undefined
-// tensors, and an empty one is what `given` tests for)
+// tensors), and the test for a given one
 static const Tensor& none() {
   static const Tensor empty = at::empty({0});
   return empty;
 }
+static bool given(const Tensor& t) { return t.numel() > 0; }
+
+// The kinds whose weight is the soft probability's (with its gradient) and whose probabilities are saved
+static bool is_soft(int64_t kind) { return kind == kStraightThroughGumbel || kind == kSoftmax; }
 
 // logits = hidden @ weight.T (+ offset); d = logits (* drop) (+ bias), in float32 as the eager router's `.float()`.
 struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
@@ -277,14 +282,12 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
     TORCH_CHECK(hidden_in.device().is_cpu(), "route_top1 runs on CPU tensors");
     const Tensor hidden = hidden_in.contiguous(), weight = weight_in.contiguous();
     const int64_t tokens = hidden.size(0), experts = weight.size(0);
-    // an absent optional input arrives as an empty tensor (autograd's apply takes no undefined ones)
-    const auto given = [](const Tensor& t) { return t.numel() > 0; };
     const Tensor offset = given(offset_in) ? offset_in.to(hidden.scalar_type()).contiguous() : Tensor();
     const Tensor drop = given(drop_in) ? drop_in.to(hidden.scalar_type()).contiguous() : Tensor();
     const Tensor bias = given(bias_in) ? bias_in.to(hidden.scalar_type()).contiguous() : Tensor();
     const Tensor is_image = given(is_image_in) ? is_image_in.to(at::kBool).contiguous() : Tensor();
     TORCH_CHECK(kind != kModality || is_image.defined(), "route_top1: modality routing needs is_image");
-    const bool soft = kind == kStraightThroughGumbel || kind == kSoftmax;
+    const bool soft = is_soft(kind);
     // the Gumbel noise, drawn as F.gumbel_softmax draws it (one exponential_ over a (T, E) float32 tensor), so the
     // random stream and the noise are those of the eager router
     const Tensor noise = kind == kStraightThroughGumbel
@@ -343,7 +346,7 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
     ctx->mark_non_differentiable(soft ? variable_list{index} : variable_list{index, weights});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({hidden, weight, drop.defined() ? drop : none(), probs, index});
-    ctx->saved_data["kind"] = kind;  // the dropout scale was given: numel > 0
+    ctx->saved_data["kind"] = kind;
     ctx->saved_data["tau"] = tau;
     return {logits, weights, index};
   }
@@ -356,11 +359,11 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
     const Tensor &hidden = saved[0], &weight = saved[1], &drop = saved[2], &probs = saved[3], &index = saved[4];
     const int64_t kind = ctx->saved_data["kind"].toInt();
     const float tau = static_cast<float>(ctx->saved_data["tau"].toDouble());
-    const bool has_drop = drop.numel() > 0;
+    const bool has_drop = given(drop);
     const int64_t tokens = hidden.size(0), experts = weight.size(0);
     const Tensor g_logits = grads[0].defined() ? grads[0].to(hidden.scalar_type()).contiguous() : Tensor();
     const Tensor g_weights = grads[1].defined() ? grads[1].to(hidden.scalar_type()).contiguous() : Tensor();
-    const bool soft = kind == kStraightThroughGumbel || kind == kSoftmax;
+    const bool soft = is_soft(kind);
     const bool need_hidden = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1),
                need_offset = ctx->needs_input_grad(2);
     // (T, E) the logits' gradient
@@ -412,11 +415,20 @@ class BuildError(RuntimeError):
     """The extension did not build (no compiler, no ninja): the message says what to install."""
 
 
+def compiled_for(selected: str, instead: str):
+    """The extension for the kernel the user `selected` (e.g. `router_implementation="fused_cpp"`), or a
+    RuntimeError that names it, what to install, and `instead`: the pure-PyTorch choice that needs neither."""
+    try:
+        return compiled()
+    except BuildError as error:
+        raise RuntimeError(f"{selected}: {error}, or use {instead}.") from error
+
+
 @functools.cache
 def compiled():
     """Build the extension once per machine (torch caches it under $TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions:
     about a minute the first time on 2 cores, a second after) and load it. Raises `BuildError` naming what to
-    install; each caller adds which pure-PyTorch path needs neither."""
+    install; `compiled_for` adds which pure-PyTorch path needs neither."""
     from torch.utils.cpp_extension import load_inline
 
     try:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import ExpertsInterface
 
-from .cpp_kernels import BuildError, compiled
+from .cpp_kernels import compiled_for
 
 KERNEL_NAME = "sorted_top1"
 
@@ -187,13 +187,10 @@ CPP_KERNEL_NAME = "sorted_top1_cpp"
 def _compiled():
     """The compiled extension (`cpp_kernels.py`), or an error that says what to install and that `sorted_top1`, the
     same kernel in Python, needs neither."""
-    try:
-        return compiled()
-    except BuildError as error:
-        raise RuntimeError(
-            f'experts_implementation="{CPP_KERNEL_NAME}": {error}, or use experts_implementation="{KERNEL_NAME}", '
-            "the same kernel in Python."
-        ) from error
+    return compiled_for(
+        f'experts_implementation="{CPP_KERNEL_NAME}"',
+        f'experts_implementation="{KERNEL_NAME}", the same kernel in Python',
+    )
 
 
 def sorted_top1_cpp_experts_forward(

@@ -12,6 +12,25 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def no_cpp_compiler(monkeypatch):
+    """The compiled kernels' build fails as it does without g++ or ninja (`cpp_kernels.compiled` raises); after the
+    test the next use builds (or loads the cached build) for real."""
+    import subprocess
+
+    import torch.utils.cpp_extension
+
+    from modeling_moe_vlm import cpp_kernels
+
+    def no_compiler(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, ["ninja", "-v"])
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    cpp_kernels.compiled.cache_clear()
+    yield
+    cpp_kernels.compiled.cache_clear()
+
+
 def tiny_config(**overrides):
     """A MoeVlmConfig small enough for a unit test: 2 layers, hidden 64, a 32 px ViT with patch 8 (16 image tokens),
     the real 32,768-token Mistral vocabulary (so the real tokenizer and `[IMG]` id 10 apply)."""

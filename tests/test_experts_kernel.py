@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from modeling_moe_vlm import MoeVlmForCausalLM, cpp_kernels, experts_kernels
+from modeling_moe_vlm import MoeVlmForCausalLM, experts_kernels
 from modeling_moe_vlm.experts_kernels import CPP_KERNEL_NAME, KERNEL_NAME
 from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
 
@@ -110,27 +110,15 @@ def test_top2_routing_gets_a_clear_error(kernel):
         block(torch.randn(1, 4, block.gate.weight.shape[-1]))
 
 
-def test_a_failed_build_of_the_compiled_kernel_names_what_to_install(monkeypatch):
+def test_a_failed_build_of_the_compiled_kernel_names_what_to_install(no_cpp_compiler):
     """No compiler (or no ninja): selecting `sorted_top1_cpp` says what to install and which kernel needs neither,
     instead of torch's build log."""
-    import subprocess
-
-    import torch.utils.cpp_extension
-
-    def no_compiler(*args, **kwargs):
-        raise subprocess.CalledProcessError(1, ["ninja", "-v"])
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
-    cpp_kernels.compiled.cache_clear()
-    try:
-        block = _block("hard", dtype=torch.float32)
-        block.experts.config._experts_implementation = CPP_KERNEL_NAME
-        with pytest.raises(
-            RuntimeError,
-            match=r'"sorted_top1_cpp": it builds a C\+\+ extension.*build failed \(CalledProcessError.*'
-            r"Install a C\+\+ compiler.*ninja.*"
-            r'experts_implementation="sorted_top1", the same kernel',
-        ):
-            block(torch.randn(1, 4, block.gate.weight.shape[-1]), torch.zeros(1, 4, dtype=torch.bool))
-    finally:
-        cpp_kernels.compiled.cache_clear()  # the next test builds (or loads the cached build) for real
+    block = _block("hard", dtype=torch.float32)
+    block.experts.config._experts_implementation = CPP_KERNEL_NAME
+    with pytest.raises(
+        RuntimeError,
+        match=r'"sorted_top1_cpp": it builds a C\+\+ extension.*build failed \(CalledProcessError.*'
+        r"Install a C\+\+ compiler.*ninja.*"
+        r'experts_implementation="sorted_top1", the same kernel',
+    ):
+        block(torch.randn(1, 4, block.gate.weight.shape[-1]), torch.zeros(1, 4, dtype=torch.bool))

@@ -193,24 +193,12 @@ def test_unsupported_settings_get_a_clear_error():
     router(x, is_image)
 
 
-def test_a_failed_build_names_what_to_install(monkeypatch):
-    import subprocess
-
-    import torch.utils.cpp_extension
-
-    def no_compiler(*args, **kwargs):
-        raise subprocess.CalledProcessError(1, ["ninja", "-v"])
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
-    cpp_kernels.compiled.cache_clear()
-    try:
-        router = _router("gumbel").train()
-        router.config.router_implementation = "fused_cpp"
-        with pytest.raises(
-            RuntimeError,
-            match=r'"fused_cpp": it builds a C\+\+ extension.*build failed.*Install a C\+\+ compiler.*ninja.*'
-            r'router_implementation="eager"',
-        ):
-            router(*_tokens())
-    finally:
-        cpp_kernels.compiled.cache_clear()
+def test_a_failed_build_names_what_to_install(no_cpp_compiler):
+    router = _router("gumbel").train()
+    router.config.router_implementation = "fused_cpp"
+    with pytest.raises(
+        RuntimeError,
+        match=r'"fused_cpp": it builds a C\+\+ extension.*build failed.*Install a C\+\+ compiler.*ninja.*'
+        r'router_implementation="eager"',
+    ):
+        router(*_tokens())
