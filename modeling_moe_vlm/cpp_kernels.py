@@ -64,9 +64,58 @@ static void gather_rows(Tensor& out, const Tensor& src, const Tensor& index, con
 
 // ----- sorted_top1: the experts --------------------------------------------------------------------------------------
 
+// SwiGLU's elementwise part, h = silu(g) * u = g * s * u with s = sigmoid(g) (T, I), s kept for the backward. On CPU
+// one pass after aten's vectorised sigmoid, and the backward one pass with no exp, where autograd's is three (gh * u,
+// silu_backward, gh * silu(g)); in float, rounded once, for reduced-precision types. Elsewhere the same formulas as
+// aten calls.
+static void swiglu_forward(const Tensor& g, const Tensor& u, Tensor& s, Tensor& h) {
+  s = at::sigmoid(g.scalar_type() == at::kDouble ? g : g.to(at::kFloat));  // float32 (float64 for double)
+  if (!g.device().is_cpu()) {
+    h = (g * s * u).to(g.scalar_type());
+    return;
+  }
+  h = at::empty_like(g);
+  const int64_t n = g.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "swiglu_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* __restrict__ gp = g.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ up = u.data_ptr<scalar_t>();
+    const acc_t* __restrict__ sp = s.data_ptr<acc_t>();
+    scalar_t* __restrict__ hp = h.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) hp[i] = scalar_t(acc_t(gp[i]) * sp[i] * acc_t(up[i]));
+  });
+}
+
+// d/dg of g * s * u is u * s * (1 + g * (1 - s)) (silu's derivative, as aten's silu_backward), d/du is g * s.
+static void swiglu_backward(const Tensor& gh, const Tensor& g, const Tensor& s, const Tensor& u, Tensor& dg,
+                            Tensor& du) {
+  if (!g.device().is_cpu()) {
+    dg = (gh * u * s * (1 + g * (1 - s))).to(g.scalar_type());
+    du = (gh * g * s).to(g.scalar_type());
+    return;
+  }
+  dg = at::empty_like(g);
+  du = at::empty_like(g);
+  const int64_t n = g.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "swiglu_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* __restrict__ ghp = gh.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gp = g.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ up = u.data_ptr<scalar_t>();
+    const acc_t* __restrict__ sp = s.data_ptr<acc_t>();
+    scalar_t* __restrict__ dgp = dg.data_ptr<scalar_t>();
+    scalar_t* __restrict__ dup = du.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t d = acc_t(ghp[i]), x = acc_t(gp[i]), si = sp[i];
+      dup[i] = scalar_t(d * (x * si));
+      dgp[i] = scalar_t(d * acc_t(up[i]) * si * (acc_t(1) + x * (acc_t(1) - si)));
+    }
+  });
+}
+
 // Rows of x are in expert order: counts[0] rows through expert 0, then counts[1] through expert 1, ...
 static void grouped_swiglu_forward(const Tensor& x, const std::vector<int64_t>& counts, const Tensor& gate_up,
-                                   const Tensor& down, Tensor& g, Tensor& u, Tensor& act, Tensor& h, Tensor& y) {
+                                   const Tensor& down, Tensor& g, Tensor& u, Tensor& s, Tensor& h, Tensor& y) {
   const int64_t inter = down.size(-1), rows = x.size(0);
   g = at::empty({rows, inter}, x.options());
   u = at::empty({rows, inter}, x.options());
@@ -81,8 +130,7 @@ static void grouped_swiglu_forward(const Tensor& x, const std::vector<int64_t>& 
     mm_into(u.narrow(0, off, n), xs, w.narrow(0, inter, inter).t());
     off += n;
   }
-  act = at::silu(g);
-  h = act * u;
+  swiglu_forward(g, u, s, h);
   off = 0;
   for (size_t e = 0; e < counts.size(); ++e) {
     const int64_t n = counts[e];
@@ -146,8 +194,8 @@ struct SortedTop1 : public torch::autograd::Function<SortedTop1> {
       inv = at::argsort(perm);
       x = hidden.index_select(0, perm);
     }
-    Tensor g, u, act, h, y;
-    grouped_swiglu_forward(x, counts, gate_up, down, g, u, act, h, y);
+    Tensor g, u, s, h, y;  // (T, I) gate, up, sigmoid(gate) (float), h = silu(g) * u; (T, H) y
+    grouped_swiglu_forward(x, counts, gate_up, down, g, u, s, h, y);
     Tensor out;  // (T, H), token order: y's row of each token times its gate weight
     if (cpu) {
       out = at::empty({tokens, y.size(1)}, y.options());
@@ -155,7 +203,7 @@ struct SortedTop1 : public torch::autograd::Function<SortedTop1> {
     } else {
       out = (y * weights.index_select(0, perm).unsqueeze(-1)).index_select(0, inv);
     }
-    ctx->save_for_backward({perm, inv, x, g, u, act, h, y, weights, gate_up, down});
+    ctx->save_for_backward({perm, inv, x, g, u, s, h, y, weights, gate_up, down});
     ctx->saved_data["counts"] = counts;
     ctx->saved_data["weights_shape"] = weights_in.sizes().vec();
     return out;
@@ -163,7 +211,7 @@ struct SortedTop1 : public torch::autograd::Function<SortedTop1> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &perm = saved[0], &inv = saved[1], &x = saved[2], &g = saved[3], &u = saved[4], &act = saved[5],
+    const Tensor &perm = saved[0], &inv = saved[1], &x = saved[2], &g = saved[3], &u = saved[4], &s = saved[5],
                  &h = saved[6], &y = saved[7], &weights = saved[8], &gate_up = saved[9], &down = saved[10];
     const std::vector<int64_t> counts = ctx->saved_data["counts"].toIntVector();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(2);
@@ -210,8 +258,8 @@ struct SortedTop1 : public torch::autograd::Function<SortedTop1> {
       if (need_down) mm_into(grad_down.select(0, e), gy.narrow(0, off, n).t(), h.narrow(0, off, n));
       off += n;
     }
-    Tensor dg = at::silu_backward(gh * u, g);  // (T, I)
-    Tensor du = gh.mul_(act);                    // (T, I)
+    Tensor dg, du;  // (T, I)
+    swiglu_backward(gh, g, s, u, dg, du);
     Tensor grad_gate_up = need_gate_up ? weight_grad(gate_up, counts) : Tensor();
     Tensor gx = need_x ? at::empty_like(x) : Tensor();
     off = 0;
