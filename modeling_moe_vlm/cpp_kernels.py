@@ -64,73 +64,74 @@ static void gather_rows(Tensor& out, const Tensor& src, const Tensor& index, con
 
 // ----- sorted_top1: the experts --------------------------------------------------------------------------------------
 
-// SwiGLU's elementwise part, h = silu(g) * u = g * s * u with s = sigmoid(g) (T, I), s kept for the backward. On CPU
-// one pass after aten's vectorised sigmoid, and the backward one pass with no exp, where autograd's is three (gh * u,
-// silu_backward, gh * silu(g)); in float, rounded once, for reduced-precision types. Elsewhere the same formulas as
-// aten calls.
-static void swiglu_forward(const Tensor& g, const Tensor& u, Tensor& s, Tensor& h) {
-  s = at::sigmoid(g.scalar_type() == at::kDouble ? g : g.to(at::kFloat));  // float32 (float64 for double)
-  if (!g.device().is_cpu()) {
-    h = (g * s * u).to(g.scalar_type());
+// SwiGLU's elementwise part on the gate and up halves of one (T, 2I) buffer gu (one matmul per expert writes both):
+// h = silu(g) * u = g * s * u with s = sigmoid(g) (T, I), s kept for the backward. On CPU one pass after aten's
+// vectorised sigmoid, and the backward one pass with no exp, where autograd's is three (gh * u, silu_backward,
+// gh * silu(g)); in float, rounded once, for reduced-precision types. Elsewhere the same formulas as aten calls.
+static void swiglu_forward(const Tensor& gu, Tensor& s, Tensor& h) {
+  const int64_t rows = gu.size(0), inter = gu.size(1) / 2;
+  const Tensor g = gu.narrow(1, 0, inter), u = gu.narrow(1, inter, inter);
+  s = at::sigmoid(gu.scalar_type() == at::kDouble ? g : g.to(at::kFloat)).contiguous();  // (T, I) float32, or 64
+  if (!gu.device().is_cpu()) {
+    h = (g * s * u).to(gu.scalar_type());
     return;
   }
-  h = at::empty_like(g);
-  const int64_t n = g.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "swiglu_forward", [&] {
+  h = at::empty({rows, inter}, gu.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "swiglu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* __restrict__ gp = g.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ up = u.data_ptr<scalar_t>();
-    const acc_t* __restrict__ sp = s.data_ptr<acc_t>();
-    scalar_t* __restrict__ hp = h.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i) hp[i] = scalar_t(acc_t(gp[i]) * sp[i] * acc_t(up[i]));
-  });
-}
-
-// d/dg of g * s * u is u * s * (1 + g * (1 - s)) (silu's derivative, as aten's silu_backward), d/du is g * s.
-static void swiglu_backward(const Tensor& gh, const Tensor& g, const Tensor& s, const Tensor& u, Tensor& dg,
-                            Tensor& du) {
-  if (!g.device().is_cpu()) {
-    dg = (gh * u * s * (1 + g * (1 - s))).to(g.scalar_type());
-    du = (gh * g * s).to(g.scalar_type());
-    return;
-  }
-  dg = at::empty_like(g);
-  du = at::empty_like(g);
-  const int64_t n = g.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "swiglu_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* __restrict__ ghp = gh.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ gp = g.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ up = u.data_ptr<scalar_t>();
-    const acc_t* __restrict__ sp = s.data_ptr<acc_t>();
-    scalar_t* __restrict__ dgp = dg.data_ptr<scalar_t>();
-    scalar_t* __restrict__ dup = du.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t d = acc_t(ghp[i]), x = acc_t(gp[i]), si = sp[i];
-      dup[i] = scalar_t(d * (x * si));
-      dgp[i] = scalar_t(d * acc_t(up[i]) * si * (acc_t(1) + x * (acc_t(1) - si)));
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* __restrict__ gp = gu.data_ptr<scalar_t>() + r * 2 * inter;
+      const scalar_t* __restrict__ up = gp + inter;
+      const acc_t* __restrict__ sp = s.data_ptr<acc_t>() + r * inter;
+      scalar_t* __restrict__ hp = h.data_ptr<scalar_t>() + r * inter;
+      for (int64_t i = 0; i < inter; ++i) hp[i] = scalar_t(acc_t(gp[i]) * sp[i] * acc_t(up[i]));
     }
   });
 }
 
+// d/dg of g * s * u is u * s * (1 + g * (1 - s)) (silu's derivative, as aten's silu_backward), d/du is g * s: gh
+// (T, I) -> dgu (T, 2I), the gate half's gradient then the up half's, ready for one matmul per expert.
+static Tensor swiglu_backward(const Tensor& gh, const Tensor& gu, const Tensor& s) {
+  const int64_t rows = gu.size(0), inter = gu.size(1) / 2;
+  if (!gu.device().is_cpu()) {
+    const Tensor g = gu.narrow(1, 0, inter), u = gu.narrow(1, inter, inter);
+    return at::cat({gh * u * s * (1 + g * (1 - s)), gh * g * s}, 1).to(gu.scalar_type());
+  }
+  Tensor dgu = at::empty_like(gu);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "swiglu_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* __restrict__ ghp = gh.data_ptr<scalar_t>() + r * inter;
+      const scalar_t* __restrict__ gp = gu.data_ptr<scalar_t>() + r * 2 * inter;
+      const scalar_t* __restrict__ up = gp + inter;
+      const acc_t* __restrict__ sp = s.data_ptr<acc_t>() + r * inter;
+      scalar_t* __restrict__ dgp = dgu.data_ptr<scalar_t>() + r * 2 * inter;
+      scalar_t* __restrict__ dup = dgp + inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const acc_t d = acc_t(ghp[i]), x = acc_t(gp[i]), si = sp[i];
+        dup[i] = scalar_t(d * (x * si));
+        dgp[i] = scalar_t(d * acc_t(up[i]) * si * (acc_t(1) + x * (acc_t(1) - si)));
+      }
+    }
+  });
+  return dgu;
+}
+
 // Rows of x are in expert order: counts[0] rows through expert 0, then counts[1] through expert 1, ...
+// x (T, H) -> gu (T, 2I) the gate and up projections, s (T, I) sigmoid of the gate, h (T, I), y (T, H)
 static void grouped_swiglu_forward(const Tensor& x, const std::vector<int64_t>& counts, const Tensor& gate_up,
-                                   const Tensor& down, Tensor& g, Tensor& u, Tensor& s, Tensor& h, Tensor& y) {
-  const int64_t inter = down.size(-1), rows = x.size(0);
-  g = at::empty({rows, inter}, x.options());
-  u = at::empty({rows, inter}, x.options());
+                                   const Tensor& down, Tensor& gu, Tensor& s, Tensor& h, Tensor& y) {
+  const int64_t rows = x.size(0);
+  gu = at::empty({rows, gate_up.size(1)}, x.options());
   y = at::empty({rows, down.size(1)}, x.options());
   int64_t off = 0;
   for (size_t e = 0; e < counts.size(); ++e) {
     const int64_t n = counts[e];
     if (!n) continue;
-    const Tensor xs = x.narrow(0, off, n);
-    const Tensor w = gate_up.select(0, e);
-    mm_into(g.narrow(0, off, n), xs, w.narrow(0, 0, inter).t());
-    mm_into(u.narrow(0, off, n), xs, w.narrow(0, inter, inter).t());
+    mm_into(gu.narrow(0, off, n), x.narrow(0, off, n), gate_up.select(0, e).t());
     off += n;
   }
-  swiglu_forward(g, u, s, h);
+  swiglu_forward(gu, s, h);
   off = 0;
   for (size_t e = 0; e < counts.size(); ++e) {
     const int64_t n = counts[e];
@@ -194,8 +195,8 @@ struct SortedTop1 : public torch::autograd::Function<SortedTop1> {
       inv = at::argsort(perm);
       x = hidden.index_select(0, perm);
     }
-    Tensor g, u, s, h, y;  // (T, I) gate, up, sigmoid(gate) (float), h = silu(g) * u; (T, H) y
-    grouped_swiglu_forward(x, counts, gate_up, down, g, u, s, h, y);
+    Tensor gu, s, h, y;  // (T, 2I) gate and up, (T, I) sigmoid(gate) (float) and h = silu(g) * u, (T, H) y
+    grouped_swiglu_forward(x, counts, gate_up, down, gu, s, h, y);
     Tensor out;  // (T, H), token order: y's row of each token times its gate weight
     if (cpu) {
       out = at::empty({tokens, y.size(1)}, y.options());
@@ -203,7 +204,7 @@ struct SortedTop1 : public torch::autograd::Function<SortedTop1> {
     } else {
       out = (y * weights.index_select(0, perm).unsqueeze(-1)).index_select(0, inv);
     }
-    ctx->save_for_backward({perm, inv, x, g, u, s, h, y, weights, gate_up, down});
+    ctx->save_for_backward({perm, inv, x, gu, s, h, y, weights, gate_up, down});
     ctx->saved_data["counts"] = counts;
     ctx->saved_data["weights_shape"] = weights_in.sizes().vec();
     return out;
@@ -211,12 +212,12 @@ struct SortedTop1 : public torch::autograd::Function<SortedTop1> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &perm = saved[0], &inv = saved[1], &x = saved[2], &g = saved[3], &u = saved[4], &s = saved[5],
-                 &h = saved[6], &y = saved[7], &weights = saved[8], &gate_up = saved[9], &down = saved[10];
+    const Tensor &perm = saved[0], &inv = saved[1], &x = saved[2], &gu = saved[3], &s = saved[4], &h = saved[5],
+                 &y = saved[6], &weights = saved[7], &gate_up = saved[8], &down = saved[9];
     const std::vector<int64_t> counts = ctx->saved_data["counts"].toIntVector();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(2);
     const bool need_gate_up = ctx->needs_input_grad(3), need_down = ctx->needs_input_grad(4);
-    const int64_t inter = down.size(-1), tokens = perm.size(0), width = y.size(1);
+    const int64_t tokens = perm.size(0), width = y.size(1);
     const Tensor grad_out = grad_outputs[0].contiguous();  // (T, H), token order
     Tensor gy, grad_w;  // (T, H) the gradient of y, in expert order; (T,) of the gate weights
     if (x.device().is_cpu()) {
@@ -258,27 +259,16 @@ struct SortedTop1 : public torch::autograd::Function<SortedTop1> {
       if (need_down) mm_into(grad_down.select(0, e), gy.narrow(0, off, n).t(), h.narrow(0, off, n));
       off += n;
     }
-    Tensor dg, du;  // (T, I)
-    swiglu_backward(gh, g, s, u, dg, du);
+    const Tensor dgu = swiglu_backward(gh, gu, s);  // (T, 2I)
     Tensor grad_gate_up = need_gate_up ? weight_grad(gate_up, counts) : Tensor();
     Tensor gx = need_x ? at::empty_like(x) : Tensor();
     off = 0;
     for (size_t e = 0; e < counts.size(); ++e) {
       const int64_t n = counts[e];
       if (!n) continue;
-      const Tensor wt = gate_up.select(0, e);
-      const Tensor dgs = dg.narrow(0, off, n), dus = du.narrow(0, off, n);
-      if (need_x) {
-        Tensor gxs = gx.narrow(0, off, n);
-        mm_into(gxs, dgs, wt.narrow(0, 0, inter));
-        gxs.addmm_(dus, wt.narrow(0, inter, inter));
-      }
-      if (need_gate_up) {
-        const Tensor xs = x.narrow(0, off, n);
-        Tensor gw = grad_gate_up.select(0, e);
-        mm_into(gw.narrow(0, 0, inter), dgs.t(), xs);
-        mm_into(gw.narrow(0, inter, inter), dus.t(), xs);
-      }
+      const Tensor dgus = dgu.narrow(0, off, n);
+      if (need_x) mm_into(gx.narrow(0, off, n), dgus, gate_up.select(0, e));
+      if (need_gate_up) mm_into(grad_gate_up.select(0, e), dgus.t(), x.narrow(0, off, n));
       off += n;
     }
     Tensor grad_x;
