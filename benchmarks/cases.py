@@ -121,11 +121,11 @@ def _grad_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, *args
 
 
 def _arithmetic_floor(moe, dense, x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor) -> dict:
-    """What any top-1 experts kernel pays at the least: `sorted_top1`'s SwiGLU forward + written-out backward with
-    no dispatch (no router, no sort or gathers, no autograd), on the dense MLP's weights (all rows, one group) and on
-    the two experts' weights (rows already grouped by the hard routing of `mask`). Against the dense MLP they show
-    how much of an MoE block's cost is arithmetic and how much is dispatch. Name -> (the timed call, the module whose
-    weights it uses)."""
+    """What a top-1 experts kernel built from aten calls pays at the least: `sorted_top1`'s SwiGLU forward +
+    written-out backward with no dispatch (no router, no sort or gathers, no autograd), on the dense MLP's weights (all
+    rows, one group) and on the two experts' weights (rows already grouped by the hard routing of `mask`). Against
+    the dense MLP they show how much of an MoE block's cost is arithmetic and how much is dispatch. Name -> (the
+    timed call, the module whose weights it uses)."""
     from modeling_moe_vlm.experts_kernels import grouped_swiglu_backward, grouped_swiglu_forward
 
     rows = x.detach().reshape(-1, x.size(-1))  # (T, H)

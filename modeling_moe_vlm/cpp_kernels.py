@@ -2,10 +2,12 @@
 (g++ and ninja; about a minute the first time on 2 cores, cached under `~/.cache/torch_extensions`):
 
 - `sorted_top1`: the experts kernel `experts_implementation="sorted_top1_cpp"` calls (`experts_kernels.py`). The
-  computation of the Python `_SortedTop1Experts` (stable sort by expert, per-expert matmuls into contiguous
-  buffers, written-out SwiGLU backward) as one `torch::autograd::Function`. On CPU the permutation is a counting
-  sort and each gather is fused with the multiply by the gate weight (one pass over the rows instead of a gather and
-  a multiply); elsewhere it runs the same aten calls as the Python kernel.
+  function of the Python `_SortedTop1Experts` (stable sort by expert, per-expert matmuls, written-out SwiGLU
+  backward) as one `torch::autograd::Function`. On CPU the permutation is a counting sort, each gather is fused with
+  the multiply by the gate weight (one pass over the rows instead of a gather and a multiply), and SwiGLU's
+  elementwise part is one pass forward (after aten's sigmoid) and one backward (instead of three aten calls), on the
+  gate and up halves of one buffer so that each expert needs one matmul for both; elsewhere the same formulas run as
+  aten calls.
 - `route_top1`: the router's top-1 decision `router_implementation="fused_cpp"` runs (`router_kernels.py`): the
   logits, the straight-through Gumbel-softmax (or softmax, argmax, modality) choice and the weight the expert output
   is multiplied by in one pass over the tokens, and their backward into the hidden states and the router weight

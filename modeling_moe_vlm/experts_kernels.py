@@ -20,8 +20,9 @@ the host per call (the per-expert token counts), so it is meant for CPU and smal
 
 `sorted_top1_cpp` is the same kernel compiled (a C++ `torch::autograd::Function` in `cpp_kernels.py`, built on first
 use with torch's `cpp_extension`; needs g++ and ninja): equal outputs and gradients, and less per-call overhead, which
-is what bounds the Python one at the tiny size (README, Benchmarks). On CPU it sorts by counting and fuses each
-gather with the multiply by the gate weight.
+is what bounds the Python one at the tiny size (README, Benchmarks). On CPU it sorts by counting, fuses each
+gather with the multiply by the gate weight and SwiGLU's elementwise part into one pass each way (to float rounding:
+it multiplies by sigmoid(g) where aten's silu divides).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def grouped_swiglu_forward(x: torch.Tensor, counts: list[int], gate_up: torch.Te
     """The experts' arithmetic on rows already in expert order: rows `counts[0]` first go through expert 0, and so on.
     x (T, H) -> g, u, act = silu(g), h = act * u (T, I each) and y = down(h) (T, H), the last the output and the rest
     what the backward needs. Separate from the dispatch so that `moe-vlm bench` can time the arithmetic alone: what
-    any top-1 kernel must pay at the least."""
+    a top-1 kernel built from aten calls pays at the least (the compiled `sorted_top1_cpp` fuses SwiGLU's elementwise
+    part, so it can come in under it)."""
     inter, rows = down.size(-1), x.size(0)
     g, u, y = x.new_empty(rows, inter), x.new_empty(rows, inter), x.new_empty(rows, down.size(1))
     live = [e for e, n in enumerate(counts) if n]
