@@ -328,11 +328,12 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
     const Tensor is_image = given(is_image_in) ? is_image_in.to(at::kBool).contiguous() : Tensor();
     TORCH_CHECK(kind != kModality || is_image.defined(), "route_top1: modality routing needs is_image");
     const bool soft = is_soft(kind);
-    // the Gumbel noise, drawn as F.gumbel_softmax draws it (one exponential_ over a (T, E) float32 tensor), so the
-    // random stream and the noise are those of the eager router
-    const Tensor noise = kind == kStraightThroughGumbel
-                             ? at::empty({tokens, experts}, hidden.options().dtype(at::kFloat)).exponential_()
-                             : Tensor();
+    // the Gumbel noise, drawn as F.gumbel_softmax draws it (one exponential_ over a (T, E) float32 tensor, then its
+    // log, aten's vectorised one as there), so the random stream and the noise are those of the eager router
+    const Tensor log_noise =
+        kind == kStraightThroughGumbel
+            ? at::empty({tokens, experts}, hidden.options().dtype(at::kFloat)).exponential_().log_()
+            : Tensor();
     // (E, T): weight @ hidden.T, a third of the time of hidden @ weight.T at (512, 128) x (128, 2) (MKL)
     const Tensor raw = at::mm(weight, hidden.t());
     Tensor logits = at::empty({tokens, experts}, hidden.options());
@@ -346,7 +347,7 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
       const scalar_t* dr = drop.defined() ? drop.data_ptr<scalar_t>() : nullptr;
       const scalar_t* b = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
       const bool* img = is_image.defined() ? is_image.data_ptr<bool>() : nullptr;
-      const float* nz = noise.defined() ? noise.data_ptr<float>() : nullptr;
+      const float* nz = log_noise.defined() ? log_noise.data_ptr<float>() : nullptr;
       scalar_t *lg = logits.data_ptr<scalar_t>(), *wt = weights.data_ptr<scalar_t>();
       int64_t* ix = index.data_ptr<int64_t>();
       float* pr = soft ? probs.data_ptr<float>() : nullptr;
@@ -367,7 +368,7 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
           k = img[t] ? vision : text;
         } else {
           if (kind == kStraightThroughGumbel)
-            for (int64_t e = 0; e < experts; ++e) z[e] = (z[e] + -std::log(nz[t * experts + e])) / tau_f;
+            for (int64_t e = 0; e < experts; ++e) z[e] = (z[e] + -nz[t * experts + e]) / tau_f;
           for (int64_t e = 1; e < experts; ++e)
             if (z[e] > z[k]) k = e;  // the first maximum, as argmax
           if (soft) {  // softmax over the experts, max-subtracted as aten's (exp(0) = 1 at the maximum)
@@ -407,8 +408,12 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
     const bool need_hidden = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1),
                need_offset = ctx->needs_input_grad(2);
     // (T, E) the logits' gradient
-    Tensor dl = g_logits.defined() ? g_logits.clone() : at::zeros({tokens, experts}, hidden.options());
-    if (soft && g_weights.defined()) {
+    const bool through_weight = soft && g_weights.defined();
+    Tensor dl = g_logits.defined() ? g_logits.clone()
+                : through_weight     ? at::empty({tokens, experts}, hidden.options())  // written below
+                                     : at::zeros({tokens, experts}, hidden.options());
+    if (through_weight) {
+      const bool add = g_logits.defined();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "route_top1_backward", [&] {
         scalar_t* d = dl.data_ptr<scalar_t>();
         const scalar_t* gw = g_weights.data_ptr<scalar_t>();
@@ -424,7 +429,7 @@ struct RouteTop1 : public torch::autograd::Function<RouteTop1> {
             if (kind == kStraightThroughGumbel) dz = dz / tau;
             scalar_t dd = scalar_t(dz);
             if (dr) dd = dd * dr[t * experts + j];
-            d[t * experts + j] = d[t * experts + j] + dd;
+            d[t * experts + j] = add ? d[t * experts + j] + dd : dd;
           }
         }
       });
