@@ -12,8 +12,7 @@ the same weights, and the same gradients, in every router mode, with dropout on 
 bias. The random draws are the eager router's (`bernoulli_` for dropout, then one `exponential_` for the Gumbel
 noise, in that order, on tensors of the same shape), so a seed gives the same routing. Not bit-identical: the dot
 products and the softmax's `exp` round in their own order (differences of float32 rounding; the noise's `log` is
-aten's, as the eager router's). The eager
-router stays the default, so the published results are computed by it.
+aten's, as the eager router's). The eager router stays the default, so the published results are computed by it.
 
 Scope: CPU tensors (on another device the eager router runs; not measured there: no GPU was lent) and dropout on
 the logits (`router_dropout_on="input"` with dropout in training raises).
