@@ -73,7 +73,7 @@ static void gather_rows(Tensor& out, const Tensor& src, const Tensor& index, con
 static void swiglu_forward(const Tensor& gu, Tensor& s, Tensor& h) {
   const int64_t rows = gu.size(0), inter = gu.size(1) / 2;
   const Tensor g = gu.narrow(1, 0, inter), u = gu.narrow(1, inter, inter);
-  s = at::sigmoid(gu.scalar_type() == at::kDouble ? g : g.to(at::kFloat)).contiguous();  // (T, I) float32, or 64
+  s = at::sigmoid(g.to(at::toOpMathType(gu.scalar_type()))).contiguous();  // (T, I) in the loops' acc_t
   if (!gu.device().is_cpu()) {
     h = (g * s * u).to(gu.scalar_type());
     return;
@@ -81,11 +81,14 @@ static void swiglu_forward(const Tensor& gu, Tensor& s, Tensor& h) {
   h = at::empty({rows, inter}, gu.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "swiglu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gu0 = gu.data_ptr<scalar_t>();
+    const acc_t* s0 = s.data_ptr<acc_t>();
+    scalar_t* h0 = h.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* __restrict__ gp = gu.data_ptr<scalar_t>() + r * 2 * inter;
+      const scalar_t* __restrict__ gp = gu0 + r * 2 * inter;
       const scalar_t* __restrict__ up = gp + inter;
-      const acc_t* __restrict__ sp = s.data_ptr<acc_t>() + r * inter;
-      scalar_t* __restrict__ hp = h.data_ptr<scalar_t>() + r * inter;
+      const acc_t* __restrict__ sp = s0 + r * inter;
+      scalar_t* __restrict__ hp = h0 + r * inter;
       for (int64_t i = 0; i < inter; ++i) hp[i] = scalar_t(acc_t(gp[i]) * sp[i] * acc_t(up[i]));
     }
   });
@@ -102,12 +105,15 @@ static Tensor swiglu_backward(const Tensor& gh, const Tensor& gu, const Tensor& 
   Tensor dgu = at::empty_like(gu);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "swiglu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *gh0 = gh.data_ptr<scalar_t>(), *gu0 = gu.data_ptr<scalar_t>();
+    const acc_t* s0 = s.data_ptr<acc_t>();
+    scalar_t* dgu0 = dgu.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* __restrict__ ghp = gh.data_ptr<scalar_t>() + r * inter;
-      const scalar_t* __restrict__ gp = gu.data_ptr<scalar_t>() + r * 2 * inter;
+      const scalar_t* __restrict__ ghp = gh0 + r * inter;
+      const scalar_t* __restrict__ gp = gu0 + r * 2 * inter;
       const scalar_t* __restrict__ up = gp + inter;
-      const acc_t* __restrict__ sp = s.data_ptr<acc_t>() + r * inter;
-      scalar_t* __restrict__ dgp = dgu.data_ptr<scalar_t>() + r * 2 * inter;
+      const acc_t* __restrict__ sp = s0 + r * inter;
+      scalar_t* __restrict__ dgp = dgu0 + r * 2 * inter;
       scalar_t* __restrict__ dup = dgp + inter;
       for (int64_t i = 0; i < inter; ++i) {
         const acc_t d = acc_t(ghp[i]), x = acc_t(gp[i]), si = sp[i];

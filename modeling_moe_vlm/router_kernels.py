@@ -63,9 +63,8 @@ def fused_route(router: torch.nn.Module, hidden_states: torch.Tensor, is_image: 
         kind = _STRAIGHT_THROUGH_GUMBEL if training else _ARGMAX
         if mode == "modality_aware":  # the learned per-modality term, part of the returned logits (T, E)
             offset = router.modality_proj(router.modality_embedding(is_image.long()))
-    if (
-        p > 0
-    ):  # F.dropout's draw on CPU, on a tensor of the logits' shape and dtype: the eager router's stream
+    if p > 0:
+        # F.dropout's draw on CPU, on a tensor of the logits' shape and dtype: the eager router's stream
         drop = torch.empty(hidden_states.size(0), router.num_experts, dtype=hidden_states.dtype)
         drop = drop.bernoulli_(1 - p).div_(1 - p)  # (T, E)
     bias = router.expert_bias if config.router_bias_update_rate else None  # (E,), the decision only
