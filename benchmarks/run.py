@@ -78,10 +78,12 @@ def _clamp(value: int, low: int | None, high: int | None) -> int:
 
 
 def _only_chosen_kernel_has_targets(block: dict, chosen: str) -> None:
-    """The block target applies to the kernel the model will run; the other kernel's ratios stay, for
-    information, without a verdict."""
+    """The block target applies to the kernel the model will run and to the fastest pair (`C.FAST_KERNEL` with
+    `C.FAST_ROUTER`: the kernels written to meet it, #13), so the Targets table judges both; the other kernels'
+    ratios stay, for information, without a verdict."""
+    judged = (f"[{chosen}]", f"[{C.FAST_KERNEL}, router {C.FAST_ROUTER}]")
     for comparison in block["comparisons"]:
-        if comparison["case"].startswith("MoE block") and not comparison["case"].endswith(f"[{chosen}]"):
+        if comparison["case"].startswith("MoE block") and not comparison["case"].endswith(judged):
             comparison["target"] = comparison["met"] = None
 
 
