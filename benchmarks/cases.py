@@ -162,6 +162,37 @@ def _arithmetic_floor(moe, dense, x: torch.Tensor, grad_out: torch.Tensor, mask:
     }
 
 
+def block_halves(block: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor):
+    """The MoE block in its two halves, each timed alone through its own module, so that the bench shows where a
+    block's time goes on the machine it runs on: `router()` (the router's forward, then its backward from the gradient
+    the experts send its weights, where they carry one) and `experts()` (the experts' forward + backward on one
+    routing, drawn once here and held fixed). Between them they compute the block's gradients (tests/test_bench.py:
+    the hidden states' gradient is the sum of theirs), so the block's time minus theirs is what joining them costs:
+    autograd summing the hidden states' two gradients, and the memory traffic of one working set instead of two.
+    Built in the routing mode and kernels the block's config holds now."""
+    flat = x.detach().reshape(-1, x.size(-1)).requires_grad_(True)  # (T, H)
+    grads = grad_out.reshape(-1, x.size(-1))  # (T, H)
+    is_image = mask.reshape(-1)  # (T,)
+    _, weights, index = block.gate(flat, is_image)  # one routing (T, 1) each, held fixed for the experts
+    soft = weights.requires_grad  # the router's gradient flows through the weights (gumbel, softmax, ...)
+    weights = weights.detach().requires_grad_(soft)
+    experts_inputs = [flat, *([weights] if soft else []), *block.experts.parameters()]
+    router_inputs = [flat, *(p for p in block.gate.parameters() if p.requires_grad)]
+
+    def experts():
+        return torch.autograd.grad(block.experts(flat, index, weights), experts_inputs, grads)
+
+    into_weights = experts()[1] if soft else None  # (T, 1): what the experts send the router
+
+    def router():
+        _, routed, _ = block.gate(flat, is_image)
+        if not soft:
+            return None  # a router without gradient (hard, eval): its forward is all the block runs of it
+        return torch.autograd.grad(routed, router_inputs, into_weights, allow_unused=True)
+
+    return router, experts
+
+
 def block_section(preset: BenchPreset, settings: Settings) -> Section:
     """The MoE block (router + experts) vs the dense SwiGLU MLP vs the naive compute-both-experts block, forward
     + backward on the hidden states of one training batch, for each experts kernel and two routing modes."""
@@ -233,6 +264,25 @@ def block_section(preset: BenchPreset, settings: Settings) -> Section:
                 )
             )
             comparisons.append(Comparison(name, "dense MLP", target=("<=", 1.10)))
+        # the fast pair's block in its halves, each alone (`block_halves`): the block minus the two is the joining.
+        # Built on the first timed call, after `before` has set the mode (a build error is then that case's error).
+        halves = functools.cache(functools.partial(block_halves, moe, x, grad_out, mask))
+        for i, name in enumerate(
+            (
+                f"{mode}: the router alone ({FAST_ROUTER})",
+                f"{mode}: the experts alone ({FAST_KERNEL}, routing held)",
+            )
+        ):
+            cases.append(
+                Case(
+                    name,
+                    lambda i=i, halves=halves: [halves()[i]() for _ in range(number)],
+                    before=setup(mode, FAST_KERNEL, FAST_ROUTER),
+                    items=tokens,
+                    resident=resident,
+                )
+            )
+            comparisons.append(Comparison(name, "dense MLP"))
     info = {
         "input": f"({batch_size}, {preset.seq_len}, {config.hidden_size}) hidden states, forward + backward, "
         f"{number} calls per sample",

@@ -42,6 +42,56 @@ def test_naive_block_computes_the_same_function_as_the_moe_block(mode, kernel):
     assert index.unique().numel() == 2
 
 
+@pytest.mark.parametrize(
+    "mode, kernel, router",
+    [
+        ("hard", "grouped_mm", "eager"),
+        ("gumbel", "sorted_top1", "eager"),
+        ("gumbel", "sorted_top1_cpp", "fused_cpp"),
+    ],
+)
+def test_block_halves_compute_the_blocks_gradients_between_them(mode, kernel, router):
+    """The bench times the block's router and experts apart (`block_halves`) and reads the block minus the two as
+    the cost of joining them: that holds only if the halves do the block's work, no more and no less."""
+    from benchmarks.cases import _grad_step, block_halves
+    from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
+
+    config = tiny_config(router_mode=mode, router_implementation=router)
+    config._experts_implementation = kernel
+    torch.manual_seed(0)
+    block = MoeVlmSparseMoeBlock(
+        config
+    ).train()  # training: the Gumbel noise is drawn, the router gets gradients
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.5)
+    x = torch.randn(2, 6, config.hidden_size, requires_grad=True)
+    grad_out, mask = torch.randn_like(x), torch.tensor([[False, True, True, False, False, False]] * 2)
+    torch.manual_seed(1)
+    expected = dict(
+        zip(["x", *(n for n, _ in block.named_parameters())], _grad_step(block, x, grad_out, mask))
+    )
+    torch.manual_seed(1)  # the halves' routing is the block's: the same noise
+    router_half, experts_half = block_halves(block, x, grad_out, mask)
+    experts = experts_half()
+    torch.manual_seed(1)
+    routed = router_half()
+    soft = mode != "hard"
+    weights = experts[1] if soft else None
+    assert (weights is not None) == soft and (routed is not None) == soft
+    hidden = experts[0] + (
+        routed[0] if soft else 0
+    )  # (T, H): the block's input gradient is the sum of the two
+    torch.testing.assert_close(hidden, expected["x"].reshape(-1, config.hidden_size))
+    gate_up, down = experts[-2:]
+    torch.testing.assert_close(gate_up, expected["experts.gate_up_proj"])
+    torch.testing.assert_close(down, expected["experts.down_proj"])
+    if soft:
+        torch.testing.assert_close(routed[1], expected["gate.weight"])
+    else:
+        assert expected["gate.weight"] is None  # hard routing: the router has no gradient in the block either
+
+
 def test_measure_interleaves_rounds_and_reports_failures():
     calls = []
     cases = [
