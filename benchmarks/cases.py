@@ -1,9 +1,10 @@
 """The benchmark sections. Each builder makes its models and inputs once and returns the cases to interleave and
 the comparisons (with the issue's targets) to report.
 
-Sections, per preset: the MoE block alone vs the dense MLP and the naive compute-both block; the training step
-of the MoE model in every routing mode vs the dense model; generation with and without router outputs;
-analysis throughput (the concept-matrix extraction); the Trainer loop vs a bare PyTorch loop.
+Sections, per preset: the MoE block alone (and the fast pair's router and experts apart) vs the dense MLP and the
+naive compute-both block; the training step of the MoE model in every routing mode vs the dense model; generation
+with and without router outputs; analysis throughput (the concept-matrix extraction); the Trainer loop vs a bare
+PyTorch loop.
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ def block_halves(block: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mask
 
 def block_section(preset: BenchPreset, settings: Settings) -> Section:
     """The MoE block (router + experts) vs the dense SwiGLU MLP vs the naive compute-both-experts block, forward
-    + backward on the hidden states of one training batch, for each experts kernel and two routing modes."""
+    + backward on the hidden states of one training batch, for each experts kernel and two routing modes; and the
+    fast pair's block in its two halves (`block_halves`), so the table shows where the block's time goes here."""
     from transformers.models.mistral.modeling_mistral import MistralMLP
 
     from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
