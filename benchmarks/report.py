@@ -1,7 +1,8 @@
 """The benchmark's results as JSON (every sample, for re-analysis) and as a Markdown table (for the README).
 
-Every ratio is shown with the range of its per-round ratios, and every targeted ratio says whether it met the
-issue's target, so the table shows exactly where a target is missed rather than only medians.
+Every ratio is shown with its 95% bootstrap interval over the rounds and the range of its per-round ratios, and every
+targeted ratio says whether it met the issue's target, so the table shows exactly where a target is missed (and how
+firmly) rather than only medians.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def comparison_result(comparison: Comparison, results: dict[str, Measurement]) -
         "value": r.value,
         "low": r.low,
         "high": r.high,
+        "interval": list(r.interval) if r.interval else None,
         "met": target_met(r.value, comparison.target),
     }
 
@@ -133,6 +135,12 @@ def _info_text(value) -> str:
     return str(value)
 
 
+def _ratio_text(comp: dict) -> str:
+    """`1.178 [1.12–1.24]`: the ratio and its 95% interval where the rounds gave one."""
+    interval = comp.get("interval")
+    return f"{comp['value']:.3f}" + (f" [{interval[0]:.2f}–{interval[1]:.2f}]" if interval else "")
+
+
 def section_markdown(section: dict) -> list[str]:
     by_case = {c["case"]: c for c in section["comparisons"]}
     has_mfu = any("mfu" in c for c in section["cases"].values())
@@ -140,7 +148,7 @@ def section_markdown(section: dict) -> list[str]:
     has_syncs = any(c.get("host_syncs") is not None for c in section["cases"].values())
     header = ["case", "median ms", f"{section['unit']}/s"]
     header += ["GFLOP/s"] * has_gflops + ["MFU"] * has_mfu + ["host syncs"] * has_syncs
-    header += ["peak MB", "ratio (range)", "vs", "target", ""]
+    header += ["peak MB", "ratio [95% interval] (range)", "vs", "target", ""]
     lines = [f"#### {section['title']}", ""]
     lines += [f"- {key}: {_info_text(value)}" for key, value in section["info"].items()]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -157,7 +165,7 @@ def section_markdown(section: dict) -> list[str]:
         row.append(_num(case["peak_mb"], 0))
         if comp and comp.get("value") is not None:
             row += [
-                f"{comp['value']:.3f} ({comp['low']:.2f}–{comp['high']:.2f}) {comp['kind']}",
+                f"{_ratio_text(comp)} ({comp['low']:.2f}–{comp['high']:.2f}) {comp['kind']}",
                 comp["baseline"],
                 target_text(comp["target"], comp["kind"]),
                 _verdict(comp["met"]),
@@ -177,7 +185,8 @@ def to_markdown(report: dict) -> str:
         f"Machine: {m['cpu']}, {m['cpu_cores']} cores (torch threads: {m['torch_threads']}); device {device}, "
         f"{m['dtype']}; torch {m['torch']}, transformers {m['transformers']}; {m['date']}.",
         f"Command: `{report['command']}` — {report['repeats_note']}; medians of interleaved rounds; "
-        "ratio = median vs median, (range) = min–max of the per-round ratios.",
+        "ratio = median vs median, [95% interval] = its bootstrap interval over the rounds (a target inside it is "
+        "neither clearly met nor clearly missed by this run), (range) = min–max of the per-round ratios.",
         "",
     ]
     for name, preset in report["presets"].items():
@@ -201,7 +210,7 @@ def to_markdown(report: dict) -> str:
                 if comp["target"] is None:
                     continue
                 target = target_text(tuple(comp["target"]), comp["kind"])
-                value = "failed" if comp["value"] is None else f"{comp['value']:.3f}"
+                value = "failed" if comp["value"] is None else _ratio_text(comp)
                 lines.append(
                     f"| {name} | {comp['case']} | {comp['baseline']} | {value} | {target} | {_verdict(comp['met'])} |"
                 )

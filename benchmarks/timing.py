@@ -198,6 +198,7 @@ class Ratio:
     low: float
     high: float
     kind: str  # "time" | "speed"
+    interval: tuple[float, float] | None = None  # 95% bootstrap interval of `value` over the rounds
 
 
 def ratio(case: Measurement, baseline: Measurement, kind: str = "time") -> Ratio:
@@ -205,6 +206,37 @@ def ratio(case: Measurement, baseline: Measurement, kind: str = "time") -> Ratio
         raise ValueError(f"kind must be 'time' or 'speed', got {kind!r}")
     value = case.median / baseline.median
     paired = [a / b for a, b in zip(case.times, baseline.times)] or [value]
+    interval = ratio_interval(case.times, baseline.times)
     if kind == "speed":
         value, paired = 1.0 / value, [1.0 / p for p in paired]
-    return Ratio(case.name, baseline.name, value, min(paired), max(paired), kind)
+        interval = interval and (1.0 / interval[1], 1.0 / interval[0])
+    return Ratio(case.name, baseline.name, value, min(paired), max(paired), kind, interval)
+
+
+def ratio_interval(case_times: list[float], baseline_times: list[float], level: float = 0.95):
+    """The `level` bootstrap interval of median(case) / median(baseline) (scipy.stats.bootstrap, percentile, 2,000
+    resamples, a fixed seed so a report is reproducible from its samples), resampling rounds as pairs where the two
+    were timed in the same rounds (equal counts) and independently otherwise (a self-timed case's own samples). How
+    far a noisy machine leaves the ratio undetermined: a target inside the interval is neither clearly met nor
+    clearly missed by this run. None with fewer than 3 samples a side or samples all equal."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if min(len(case_times), len(baseline_times)) < 3:
+        return None
+
+    def median_ratio(a, b, axis=-1):
+        return np.median(a, axis=axis) / np.median(b, axis=axis)
+
+    result = bootstrap(
+        (np.asarray(case_times), np.asarray(baseline_times)),
+        median_ratio,
+        paired=len(case_times) == len(baseline_times),
+        vectorized=True,
+        confidence_level=level,
+        n_resamples=2000,
+        method="percentile",
+        rng=np.random.default_rng(0),
+    )
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else None

@@ -79,9 +79,8 @@ def test_block_halves_compute_the_blocks_gradients_between_them(mode, kernel, ro
     soft = mode != "hard"
     weights = experts[1] if soft else None
     assert (weights is not None) == soft and (routed is not None) == soft
-    hidden = experts[0] + (
-        routed[0] if soft else 0
-    )  # (T, H): the block's input gradient is the sum of the two
+    # (T, H): the block's input gradient is the sum of the two
+    hidden = experts[0] + (routed[0] if soft else 0)
     torch.testing.assert_close(hidden, expected["x"].reshape(-1, config.hidden_size))
     gate_up, down = experts[-2:]
     torch.testing.assert_close(gate_up, expected["experts.gate_up_proj"])
@@ -120,6 +119,28 @@ def test_ratio_kinds_and_per_round_range():
     assert s.value == pytest.approx(1 / 3) and s.high == pytest.approx(1 / 1.5)
     with pytest.raises(ValueError):
         ratio(slow, fast, kind="fastness")
+
+
+def test_ratio_interval_brackets_the_ratio_and_narrows_with_less_noise():
+    import random
+
+    rng = random.Random(0)
+    # what the machine's neighbours do, round by round; a case 1.2x the baseline in the same rounds: pairing cancels it
+    load = [rng.uniform(0.5, 2.0) for _ in range(25)]
+    base = [b * (1 + rng.gauss(0, 0.01)) for b in load]
+    quiet = [1.2 * b * (1 + rng.gauss(0, 0.005)) for b in load]
+    noisy = [1.2 * b * rng.choice([0.7, 1.0, 1.4]) for b in base]
+    q = ratio(Measurement("q", quiet), Measurement("b", base))
+    n = ratio(Measurement("n", noisy), Measurement("b", base))
+    for r in (q, n):
+        assert r.interval[0] <= r.value <= r.interval[1]
+    assert q.interval[0] > 1.15 and q.interval[1] < 1.25  # a firm 1.2
+    assert n.interval[1] - n.interval[0] > 5 * (q.interval[1] - q.interval[0])
+    s = ratio(Measurement("q", quiet), Measurement("b", base), kind="speed")
+    assert s.interval == pytest.approx((1 / q.interval[1], 1 / q.interval[0]))
+    # a self-timed case's own samples (another count) are resampled independently; too few rounds: no interval
+    assert ratio(Measurement("q", quiet[:10]), Measurement("b", base)).interval is not None
+    assert ratio(Measurement("q", quiet[:2]), Measurement("b", base[:2])).interval is None
 
 
 def test_cpu_peak_memory_sees_torch_allocations():
