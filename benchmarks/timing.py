@@ -209,7 +209,7 @@ def ratio(case: Measurement, baseline: Measurement, kind: str = "time") -> Ratio
     interval = ratio_interval(case.times, baseline.times)
     if kind == "speed":
         value, paired = 1.0 / value, [1.0 / p for p in paired]
-        interval = interval and (1.0 / interval[1], 1.0 / interval[0])
+        interval = (1.0 / interval[1], 1.0 / interval[0]) if interval else None
     return Ratio(case.name, baseline.name, value, min(paired), max(paired), kind, interval)
 
 
@@ -218,7 +218,7 @@ def ratio_interval(case_times: list[float], baseline_times: list[float], level: 
     resamples, a fixed seed so a report is reproducible from its samples), resampling rounds as pairs where the two
     were timed in the same rounds (equal counts) and independently otherwise (a self-timed case's own samples). How
     far a noisy machine leaves the ratio undetermined: a target inside the interval is neither clearly met nor
-    clearly missed by this run. None with fewer than 3 samples a side or samples all equal."""
+    clearly missed by this run. None with fewer than 3 samples a side or where the bootstrap gives no finite bound."""
     import numpy as np
     from scipy.stats import bootstrap
 
