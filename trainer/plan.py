@@ -471,7 +471,7 @@ def plan_stage(preset: str, stage: str, **options) -> StagePlan:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     work = _workload(model, resolved, asked.text_tokens, asked.labelled_tokens)
     training = resolved.training
-    chosen = training.gradient_checkpointing if asked.checkpointing is None else asked.checkpointing
+    chosen = training.activation_checkpointing if asked.checkpointing is None else asked.checkpointing
     mixed = bool(training.bf16 or training.fp16)
     batch = {"input_ids": torch.empty(work.batch, work.seq, dtype=torch.long, device="meta")}
     if work.images:
