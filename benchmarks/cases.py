@@ -194,10 +194,43 @@ def block_halves(block: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mask
     return router, experts
 
 
+def block_direct(block: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor):
+    """The fast pair's block (`FAST_ROUTER` + `FAST_KERNEL`) with no modules: one call of each compiled kernel on the
+    arguments the block's modules would pass them, prepared once here (`fused_route_arguments`), then the block's
+    backward, as `_grad_step` computes it (tests/test_bench.py). Beside the block, it shows what the Python around the
+    kernels costs (`MoeVlmRouter`, `fused_route`, transformers' experts dispatch, `_call_top1`); beside the halves,
+    what joining the two kernels costs. Built in the routing mode the block's config holds now; for modes whose
+    arguments hold no graph and no random draw (hard, gumbel and softmax without router dropout): a dropout mask or
+    `modality_aware`'s learned term computed once would be reused by every call."""
+    from modeling_moe_vlm.cpp_kernels import compiled
+    from modeling_moe_vlm.router_kernels import fused_route_arguments
+
+    flat = x.detach().reshape(-1, x.size(-1))  # (T, H), only to prepare the arguments
+    is_image = mask.reshape(-1)  # (T,)
+    weight, offset, drop, *rest = fused_route_arguments(block.gate, flat, is_image)
+    if offset is not None or drop is not None:
+        raise ValueError(
+            f"block_direct times routing modes without dropout or a modality term; router_mode="
+            f"{block.gate.config.router_mode!r}, router_dropout={block.gate.config.router_dropout}"
+        )
+    kernels = compiled()
+    gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
+
+    def step():
+        hidden = x.reshape(-1, x.size(-1))  # (T, H), in the graph as the block's reshape is
+        _, weights, index = kernels.route_top1(hidden, weight, offset, drop, *rest)  # (T, 1) each
+        out = kernels.sorted_top1(hidden, index, weights, gate_up, down).reshape(x.shape)
+        params = [p for p in block.parameters() if p.requires_grad]  # as `_grad_step` lists them, every call
+        return torch.autograd.grad(out, [x, *params], grad_out, allow_unused=True)
+
+    return step
+
+
 def block_section(preset: BenchPreset, settings: Settings) -> Section:
     """The MoE block (router + experts) vs the dense SwiGLU MLP vs the naive compute-both-experts block, forward
     + backward on the hidden states of one training batch, for each experts kernel and two routing modes; and the
-    fast pair's block in its two halves (`block_halves`), so the table shows where the block's time goes here."""
+    fast pair's block as its two kernels called directly (`block_direct`) and in its two halves (`block_halves`),
+    so the table shows where the block's time goes here: arithmetic, the router, joining, the modules' Python."""
     from transformers.models.mistral.modeling_mistral import MistralMLP
 
     from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
@@ -266,8 +299,21 @@ def block_section(preset: BenchPreset, settings: Settings) -> Section:
                 )
             )
             comparisons.append(Comparison(name, "dense MLP", target=("<=", 1.10)))
-        # the fast pair's block in its halves, each alone (`block_halves`): the block minus the two is the joining.
+        # the fast pair's two kernels called directly (`block_direct`): the block minus them is the modules' Python.
         # Built on the first timed call, after `before` has set the mode (a build error is then that case's error).
+        direct = functools.cache(functools.partial(block_direct, moe, x, grad_out, mask))
+        cases.append(
+            Case(
+                f"{mode}: the two kernels called directly (no modules)",
+                lambda direct=direct: [direct()() for _ in range(number)],
+                before=setup(mode, FAST_KERNEL, FAST_ROUTER),
+                items=tokens,
+                resident=resident,
+            )
+        )
+        comparisons.append(Comparison(cases[-1].name, "dense MLP"))
+        # the fast pair's block in its halves, each alone (`block_halves`): the direct call minus the two is the
+        # joining. Built on the first timed call, as above.
         halves = functools.cache(functools.partial(block_halves, moe, x, grad_out, mask))
         for i, name in enumerate(
             (

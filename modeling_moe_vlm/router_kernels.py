@@ -40,6 +40,15 @@ def _kernel():
 def fused_route(router: torch.nn.Module, hidden_states: torch.Tensor, is_image: torch.Tensor):
     """`MoeVlmRouter.forward`'s routing through the compiled kernel: hidden_states (T, H), is_image (T,) bool ->
     logits (T, E) (the router's own, no dropout or noise), weights (T, 1), index (T, 1)."""
+    return _kernel()(hidden_states, *fused_route_arguments(router, hidden_states, is_image))
+
+
+def fused_route_arguments(
+    router: torch.nn.Module, hidden_states: torch.Tensor, is_image: torch.Tensor
+) -> tuple:
+    """What `fused_route` passes the kernel after the hidden states, read from the router and its config now (they
+    change between calls: a stage sets `gumbel_tau`, the bench the mode). Apart so that `moe-vlm bench` can time the
+    kernel without the Python around it (`benchmarks/cases.py`, `block_direct`)."""
     config = router.config
     mode = config.router_mode  # each config read costs about a microsecond (transformers' __getattribute__)
     training = router.training
@@ -69,8 +78,7 @@ def fused_route(router: torch.nn.Module, hidden_states: torch.Tensor, is_image: 
         drop = drop.bernoulli_(1 - p).div_(1 - p)  # (T, E)
     bias = router.expert_bias if config.router_bias_update_rate else None  # (E,), the decision only
     roles = config.modality_to_expert  # read by the modality kind only, tau by the Gumbel sample only
-    return _kernel()(
-        hidden_states,
+    return (
         router.weight,
         offset,
         drop,

@@ -90,6 +90,49 @@ def test_block_halves_compute_the_blocks_gradients_between_them(mode, kernel, ro
         assert expected["gate.weight"] is None  # hard routing: the router has no gradient in the block either
 
 
+@pytest.mark.parametrize("mode", ["hard", "gumbel"])
+def test_block_direct_computes_the_blocks_gradients(mode):
+    """The bench reads the block minus its two kernels called directly (`block_direct`) as the modules' Python: that
+    holds only if the direct call does the block's work, gradient for gradient, on the same routing."""
+    from benchmarks.cases import FAST_KERNEL, FAST_ROUTER, _grad_step, block_direct
+    from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
+
+    config = tiny_config(router_mode=mode, router_implementation=FAST_ROUTER)
+    config._experts_implementation = FAST_KERNEL
+    torch.manual_seed(0)
+    block = MoeVlmSparseMoeBlock(config).train()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.5)
+    x = torch.randn(2, 6, config.hidden_size, requires_grad=True)
+    grad_out, mask = torch.randn_like(x), torch.tensor([[False, True, True, False, False, False]] * 2)
+    direct = block_direct(block, x, grad_out, mask)
+    torch.manual_seed(1)
+    expected = _grad_step(block, x, grad_out, mask)
+    torch.manual_seed(1)  # the same Gumbel noise
+    got = direct()
+    assert len(got) == len(expected)
+    for name, e, g in zip(["x", *(n for n, _ in block.named_parameters())], expected, got, strict=True):
+        if e is None:
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, e, msg=name)
+    # the router's weight: a gradient in soft routing only
+    assert (expected[1] is not None) == (mode == "gumbel")
+
+
+def test_block_direct_refuses_arguments_it_would_reuse():
+    from benchmarks.cases import FAST_KERNEL, FAST_ROUTER, block_direct
+    from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
+
+    config = tiny_config(router_mode="modality_aware", router_implementation=FAST_ROUTER)
+    config._experts_implementation = FAST_KERNEL
+    block = MoeVlmSparseMoeBlock(config).train()
+    x = torch.randn(1, 4, config.hidden_size, requires_grad=True)
+    with pytest.raises(ValueError, match="modality_aware"):
+        block_direct(block, x, torch.randn_like(x), torch.zeros(1, 4, dtype=torch.bool))
+
+
 def test_measure_interleaves_rounds_and_reports_failures():
     calls = []
     cases = [
