@@ -42,6 +42,23 @@ def test_naive_block_computes_the_same_function_as_the_moe_block(mode, kernel):
     assert index.unique().numel() == 2
 
 
+def _training_block(mode: str, kernel: str, router: str):
+    """A tiny MoE block in training (the Gumbel noise is drawn, the router gets gradients) with weights large enough
+    that both experts are chosen, and a (2, 6) batch: block, x, grad_out, mask."""
+    from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
+
+    config = tiny_config(router_mode=mode, router_implementation=router)
+    config._experts_implementation = kernel
+    torch.manual_seed(0)
+    block = MoeVlmSparseMoeBlock(config).train()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.5)
+    x = torch.randn(2, 6, config.hidden_size, requires_grad=True)
+    grad_out, mask = torch.randn_like(x), torch.tensor([[False, True, True, False, False, False]] * 2)
+    return block, x, grad_out, mask
+
+
 @pytest.mark.parametrize(
     "mode, kernel, router",
     [
@@ -54,18 +71,9 @@ def test_block_halves_compute_the_blocks_gradients_between_them(mode, kernel, ro
     """The bench times the block's router and experts apart (`block_halves`) and reads the block minus the two as
     the cost of joining them: that holds only if the halves do the block's work, no more and no less."""
     from benchmarks.cases import _grad_step, block_halves
-    from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
 
-    config = tiny_config(router_mode=mode, router_implementation=router)
-    config._experts_implementation = kernel
-    torch.manual_seed(0)
-    # training: the Gumbel noise is drawn, the router gets gradients
-    block = MoeVlmSparseMoeBlock(config).train()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0.0, 0.5)
-    x = torch.randn(2, 6, config.hidden_size, requires_grad=True)
-    grad_out, mask = torch.randn_like(x), torch.tensor([[False, True, True, False, False, False]] * 2)
+    block, x, grad_out, mask = _training_block(mode, kernel, router)
+    config = block.gate.config
     torch.manual_seed(1)
     expected = dict(
         zip(["x", *(n for n, _ in block.named_parameters())], _grad_step(block, x, grad_out, mask))
@@ -95,17 +103,8 @@ def test_block_direct_computes_the_blocks_gradients(mode):
     """The bench reads the block minus its two kernels called directly (`block_direct`) as the modules' Python: that
     holds only if the direct call does the block's work, gradient for gradient, on the same routing."""
     from benchmarks.cases import FAST_KERNEL, FAST_ROUTER, _grad_step, block_direct
-    from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
 
-    config = tiny_config(router_mode=mode, router_implementation=FAST_ROUTER)
-    config._experts_implementation = FAST_KERNEL
-    torch.manual_seed(0)
-    block = MoeVlmSparseMoeBlock(config).train()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0.0, 0.5)
-    x = torch.randn(2, 6, config.hidden_size, requires_grad=True)
-    grad_out, mask = torch.randn_like(x), torch.tensor([[False, True, True, False, False, False]] * 2)
+    block, x, grad_out, mask = _training_block(mode, FAST_KERNEL, FAST_ROUTER)
     direct = block_direct(block, x, grad_out, mask)
     torch.manual_seed(1)
     expected = _grad_step(block, x, grad_out, mask)
