@@ -117,8 +117,14 @@ def _image_mask(preset: BenchPreset, batch_size: int, device) -> torch.Tensor:
 def _grad_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, *args):
     """Forward + backward of one block: gradients of the input and of every parameter (not accumulated, so no
     zeroing enters the timing)."""
+    return _grads(module, x, module(x, *args), grad_out)
+
+
+def _grads(module: nn.Module, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor):
+    """The gradients `_grad_step` computes, of `out` (the block's output, however it was computed): of the input,
+    then of every trainable parameter of `module`, in order (None where unused)."""
     params = [p for p in module.parameters() if p.requires_grad]
-    return torch.autograd.grad(module(x, *args), [x, *params], grad_out, allow_unused=True)
+    return torch.autograd.grad(out, [x, *params], grad_out, allow_unused=True)
 
 
 def _arithmetic_floor(moe, dense, x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -220,8 +226,7 @@ def block_direct(block: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mask
         hidden = x.reshape(-1, x.size(-1))  # (T, H), in the graph as the block's reshape is
         _, weights, index = kernels.route_top1(hidden, weight, offset, drop, *rest)  # (T, 1) each
         out = kernels.sorted_top1(hidden, index, weights, gate_up, down).reshape(x.shape)
-        params = [p for p in block.parameters() if p.requires_grad]  # as `_grad_step` lists them, every call
-        return torch.autograd.grad(out, [x, *params], grad_out, allow_unused=True)
+        return _grads(block, x, out, grad_out)  # as `_grad_step` takes them
 
     return step
 

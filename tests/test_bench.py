@@ -122,14 +122,10 @@ def test_block_direct_computes_the_blocks_gradients(mode):
 
 def test_block_direct_refuses_arguments_it_would_reuse():
     from benchmarks.cases import FAST_KERNEL, FAST_ROUTER, block_direct
-    from modeling_moe_vlm.modeling_moe_vlm import MoeVlmSparseMoeBlock
 
-    config = tiny_config(router_mode="modality_aware", router_implementation=FAST_ROUTER)
-    config._experts_implementation = FAST_KERNEL
-    block = MoeVlmSparseMoeBlock(config).train()
-    x = torch.randn(1, 4, config.hidden_size, requires_grad=True)
+    block, x, grad_out, mask = _training_block("modality_aware", FAST_KERNEL, FAST_ROUTER)
     with pytest.raises(ValueError, match="modality_aware"):
-        block_direct(block, x, torch.randn_like(x), torch.zeros(1, 4, dtype=torch.bool))
+        block_direct(block, x, grad_out, mask)
 
 
 def test_measure_interleaves_rounds_and_reports_failures():
