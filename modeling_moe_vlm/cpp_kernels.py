@@ -64,6 +64,21 @@ static void gather_rows(Tensor& out, const Tensor& src, const Tensor& index, con
   });
 }
 
+// sum_j a[j] * b[j] in acc_t, over eight running sums (element j into sum j % 8) added pairwise at the end: one
+// running sum cannot be vectorised without -ffast-math (the compiler may not reorder float additions) and waits an
+// add's latency per element; eight independent ones vectorise and pipeline. Measured on the gumbel block's backward
+// (tiny, 512 tokens x 128): 43 us less per call of the experts alone, of 3.5 ms (README, Benchmarks).
+template <typename scalar_t, typename acc_t>
+static acc_t dot_rows(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
+  acc_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; ++u) lane[u] += acc_t(a[j + u]) * acc_t(b[j + u]);
+  acc_t sum = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+  for (; j < n; ++j) sum += acc_t(a[j]) * acc_t(b[j]);
+  return sum;
+}
+
 // ----- sorted_top1: the experts --------------------------------------------------------------------------------------
 
 // SwiGLU's elementwise part on the gate and up halves of one (T, 2I) buffer gu (one matmul per expert writes both):
@@ -244,12 +259,8 @@ struct SortedTop1 : public torch::autograd::Function<SortedTop1> {
           const scalar_t* yi = yy + i * width;
           scalar_t* to = out + i * width;
           const scalar_t wi = w[p[i]];
-          acc_t dot = 0;
-          for (int64_t j = 0; j < width; ++j) {
-            dot += acc_t(from[j]) * acc_t(yi[j]);
-            to[j] = from[j] * wi;
-          }
-          if (gw) gw[p[i]] = scalar_t(dot);
+          if (gw) gw[p[i]] = scalar_t(dot_rows<scalar_t, acc_t>(from, yi, width));
+          for (int64_t j = 0; j < width; ++j) to[j] = from[j] * wi;
         }
       });
     } else {
