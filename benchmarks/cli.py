@@ -44,11 +44,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)"
     )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="run it this many times, each in a fresh process, into OUT/run-K, and pool the ratios over the runs "
+        "into OUT/bench-pooled.json and .md (an interval that holds the run-to-run spread; a finished run is "
+        "reused on a rerun). Default 1: one run, OUT/bench.json",
+    )
 
 
 def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this run (as `moe-vlm bench`), for the report."""
-    parts = ["moe-vlm", "bench", "--quick"] if args.quick else ["moe-vlm", "bench", "--preset", args.preset]
+    """The command line that reproduces one run (as `moe-vlm bench`), for the report."""
+    return shlex.join(["moe-vlm", "bench", *_arguments(args)])
+
+
+def _arguments(args: argparse.Namespace) -> list[str]:
+    """The arguments of one run, `--out` and `--runs` left out: what `--runs` hands each fresh process."""
+    parts = ["--quick"] if args.quick else ["--preset", args.preset]
     for flag, value, default in (
         ("--repeats", args.repeats, None),
         ("--device", args.device, "cpu"),
@@ -61,7 +74,36 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--compile" if args.compile else "--no-compile")
     if args.sections:
         parts += ["--sections", *args.sections]
-    return shlex.join(parts)
+    return parts
+
+
+def _run_child(argv: list[str]) -> int:
+    """One run in a fresh process (`python -m benchmarks`, the same allocator settings); its exit status. Its
+    table goes to stderr with its progress: stdout is left to the pooled table."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "benchmarks", *argv], stdout=sys.stderr).returncode
+
+
+def _pooled(args: argparse.Namespace) -> None:
+    from moe_vlm_cli import UserError
+
+    from .pool import pooled_markdown, run_pooled
+
+    try:
+        pooled = run_pooled(
+            args.runs,
+            args.out,
+            _arguments(args),
+            _command(args),
+            _run_child,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    # a run failed: it printed its own error above; the same command again resumes after the last good run
+    except RuntimeError as error:
+        raise UserError(f"{error}; rerun the same command to resume") from error
+    print(pooled_markdown(pooled))
+    print(f"wrote {args.out}/bench-pooled.json and {args.out}/bench-pooled.md", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -78,6 +120,10 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {args.runs}")
+    if args.runs > 1:
+        return _pooled(args)
     torch.set_num_threads(args.threads)
     presets = ["tiny", "mid"] if args.preset == "all" else [args.preset]
     repeats = args.repeats
