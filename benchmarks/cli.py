@@ -88,7 +88,7 @@ def _run_child(argv: list[str]) -> int:
 def _pooled(args: argparse.Namespace) -> None:
     from moe_vlm_cli import UserError
 
-    from .pool import pooled_markdown, run_pooled
+    from .pool import RunFailed, pooled_markdown, run_pooled
 
     try:
         pooled = run_pooled(
@@ -100,13 +100,21 @@ def _pooled(args: argparse.Namespace) -> None:
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
     # a run failed: it printed its own error above; the same command again resumes after the last good run
-    except RuntimeError as error:
+    except RunFailed as error:
         raise UserError(f"{error}; rerun the same command to resume") from error
     print(pooled_markdown(pooled))
     print(f"wrote {args.out}/bench-pooled.json and {args.out}/bench-pooled.md", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {args.runs}")
+    if args.runs > 1:  # the runs measure in their own processes: this one imports neither torch nor the cases
+        return _pooled(args)
     import os
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # the analysis pipeline's progress bars would flood the output
@@ -116,14 +124,6 @@ def run(args: argparse.Namespace) -> None:
     from .report import to_markdown
     from .run import run_benchmarks
 
-    if args.repeats is not None and args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.runs < 1:
-        raise ValueError(f"--runs must be >= 1, got {args.runs}")
-    if args.runs > 1:
-        return _pooled(args)
     torch.set_num_threads(args.threads)
     presets = ["tiny", "mid"] if args.preset == "all" else [args.preset]
     repeats = args.repeats

@@ -5,9 +5,9 @@ ratio is known *in that process*. On this shared 2-core machine the run-to-run s
 25-round runs of the tiny block put the gumbel pair's median at 1.084-1.142, each run's interval narrower than
 that spread (README, Benchmarks), as the load moves between runs and each process lays its memory out anew.
 So a verdict on a target read from one run can flip with the next. Here every run's samples are pooled (per item
-of the baseline, as runs calibrate different group sizes) and the interval is a two-level (cluster) bootstrap: resample the runs,
-then the rounds within each resampled run, paired as in one run. scipy's `bootstrap` resamples one level only,
-hence the loop written here.
+of the baseline, as runs calibrate different group sizes) and the interval is a two-level (cluster) bootstrap:
+resample the runs, then the rounds within each resampled run, paired as in one run. scipy's `bootstrap` resamples
+one level only, hence the loop written here.
 
 Each run is a child `python -m benchmarks` with the parent's arguments and its own `--out DIR/run-K`; a run whose
 `bench.json` is already there with the same command is reused, so an interrupted `--runs` resumes.
@@ -19,9 +19,14 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .report import _verdict as run_verdict
 from .report import target_met, target_text
 
 RESAMPLES = 2000
+
+
+class RunFailed(RuntimeError):
+    """A run of `--runs` exited with an error or wrote no report: the same command again resumes from it."""
 
 
 def _samples(case: dict, baseline: dict) -> tuple[list[float], list[float]]:
@@ -76,7 +81,7 @@ def firmly(interval: Sequence[float], target: Sequence | None) -> bool | None:
     there is no target): whether the runs together settle the verdict."""
     if target is None:
         return None
-    ends = {target_met(end, tuple(target)) for end in interval}
+    ends = {target_met(end, target) for end in interval}
     return ends.pop() if len(ends) == 1 else None
 
 
@@ -101,7 +106,14 @@ def pool_reports(reports: Sequence[dict]) -> dict:
                     case, base = other["cases"].get(comp["case"]), other["cases"].get(comp["baseline"])
                     if case and base and case["times_s"] and base["times_s"]:
                         pairs.append(_samples(case, base))
-                        run = next(c for c in other["comparisons"] if c["case"] == comp["case"])
+                        run = next(
+                            (
+                                c
+                                for c in other["comparisons"]
+                                if (c["case"], c["baseline"]) == (comp["case"], comp["baseline"])
+                            ),
+                            {},
+                        )
                         values.append(run.get("value"))
                 entry = {key: comp[key] for key in ("case", "baseline", "kind", "target")}
                 entry.update(runs=len(pairs), run_values=values)
@@ -110,7 +122,7 @@ def pool_reports(reports: Sequence[dict]) -> dict:
                     entry.update(
                         value=value,
                         interval=list(interval),
-                        met=target_met(value, tuple(comp["target"])) if comp["target"] else None,
+                        met=target_met(value, comp["target"]),
                         firmly=firmly(interval, comp["target"]),
                     )
                 else:
@@ -128,18 +140,18 @@ def pool_reports(reports: Sequence[dict]) -> dict:
 
 
 def _verdict(comp: dict) -> str:
+    """A run's verdict on the pooled ratio, and whether the interval settles it."""
     if comp["met"] is None:
         return ""
-    word = "met" if comp["met"] else "**missed**"
-    return word + {True: ", firmly", False: ", firmly", None: ", on the line"}[comp["firmly"]]
+    return run_verdict(comp["met"]) + (", on the line" if comp["firmly"] is None else ", firmly")
 
 
 def pooled_markdown(pooled: dict) -> str:
     lines = [
         "### moe-vlm benchmark, pooled",
         "",
-        f"Command: `{pooled['command']} --runs {pooled['runs']}`: {pooled['runs']} runs in fresh processes on {', '.join(pooled['machines'])} "
-        f"({pooled['dates'][0]} to {pooled['dates'][-1]}). Ratio = median vs median of every run's samples per item; "
+        f"Command: `{pooled['command']} --runs {pooled['runs']}`: {pooled['runs']} runs in fresh processes on "
+        f"{', '.join(pooled['machines'])} ({pooled['dates'][0]} to {pooled['dates'][-1]}). Ratio = median vs median of every run's samples per item; "
         "[95% interval] = two-level bootstrap (runs, then rounds within a run), so it holds the run-to-run spread; "
         "firmly = the whole interval meets (or misses) the target, on the line = the target is inside it.",
         "",
@@ -158,7 +170,7 @@ def pooled_markdown(pooled: dict) -> str:
                     value = f"{comp['value']:.3f} [{comp['interval'][0]:.3f}–{comp['interval'][1]:.3f}]"
                 measured = [v for v in comp["run_values"] if v is not None]
                 spread = f"{min(measured):.3f}–{max(measured):.3f}" if measured else ""
-                target = target_text(tuple(comp["target"]), comp["kind"]) if comp["target"] else ""
+                target = target_text(comp["target"], comp["kind"])
                 lines.append(
                     f"| {comp['case']} | {comp['baseline']} | {value} | {spread} | {target} | {_verdict(comp)} |"
                 )
@@ -198,10 +210,10 @@ def run_pooled(
             log(f"run {k}/{runs}: {command} --out {run_dir}")
             status = run_child([*child_argv, "--out", str(run_dir)])
             if status != 0:
-                raise RuntimeError(f"run {k} of {runs} exited with status {status} (its output is above)")
+                raise RunFailed(f"run {k} of {runs} exited with status {status} (its output is above)")
             report = _read(path)
             if report is None:
-                raise RuntimeError(f"run {k} of {runs} finished without writing {path}")
+                raise RunFailed(f"run {k} of {runs} finished without writing {path}")
         reports.append(report)
     pooled = pool_reports(reports)
     out.mkdir(parents=True, exist_ok=True)

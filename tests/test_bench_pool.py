@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.pool import firmly, pool_reports, pooled_markdown, pooled_ratio, run_pooled
+from benchmarks.pool import RunFailed, firmly, pool_reports, pooled_markdown, pooled_ratio, run_pooled
 from benchmarks.timing import ratio_interval
 
 COMMAND = "moe-vlm bench --preset tiny --sections block"
@@ -158,7 +158,7 @@ def test_runs_go_to_fresh_processes_and_a_rerun_resumes(tmp_path):
 
 
 def test_a_failed_run_stops_the_pool_with_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(RuntimeError, match="run 1 of 2 exited with status 3"):
+    with pytest.raises(RunFailed, match="run 1 of 2 exited with status 3"):
         run_pooled(2, tmp_path, [], COMMAND, lambda argv: 3, log=lambda line: None)
     import moe_vlm_cli
 
