@@ -134,6 +134,9 @@ def utilisation_section(
         "lm_head": (240, lm["hidden_size"], lm["vocab_size"]),
     }
     shape_rates = {name: matmul_rate(shape=shape) for name, shape in shapes.items()}
+    # The same products through oneDNN: how far torch's fp32 rate (MKL's sgemm) is from what this CPU can do
+    onednn = {"1024²": matmul_rate(backend="onednn")}
+    onednn.update({name: matmul_rate(shape=shape, backend="onednn") for name, shape in shapes.items()})
     with tempfile.TemporaryDirectory(prefix="moe-vlm-utilisation-") as tmp:
         work = Path(tmp)
         for name, stage, source in CHAIN:
@@ -163,6 +166,7 @@ def utilisation_section(
         "matmul_rate_at_model_shapes": {
             name: {"shape": list(shapes[name]), "flops": value} for name, value in shape_rates.items()
         },
+        "onednn_matmul_rate_flops": onednn,  # None each where this torch has no oneDNN
         "threads": torch.get_num_threads(),
         "steps_per_training_run": steps,
         "rows": rows,
@@ -171,6 +175,7 @@ def utilisation_section(
 
 def utilisation_markdown(section: dict) -> list[str]:
     rate = section["matmul_rate_flops"]
+    onednn = (section.get("onednn_matmul_rate_flops") or {}).get("1024²")  # a column where it was measured
     lines = [
         f"#### {section['title']}",
         "",
@@ -180,12 +185,14 @@ def utilisation_markdown(section: dict) -> list[str]:
             f"{name} {'×'.join(map(str, at['shape']))} {at['flops'] / 1e9:.1f} GFLOP/s ({at['flops'] / rate:.0%})"
             for name, at in section.get("matmul_rate_at_model_shapes", {}).items()
         )
-        + f". Training steps: medians over {section['steps_per_training_run'] - 1} "
+        + ". "
+        + _onednn_sentence(section, rate)
+        + f"Training steps: medians over {section['steps_per_training_run'] - 1} "
         "steps of a short run of each recipe (first step left out); time per step in ms.",
         "",
         "| step | batch | data | forward | backward | optimizer | bookkeeping | step | model GFLOP/s "
-        "| of matmul rate | compute only |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| of matmul rate | compute only |" + " of oneDNN rate |" * bool(onednn),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * bool(onednn),
     ]
     for row in section["rows"]:
         share = f"{100 * row['utilisation']:.1f} %" if row.get("utilisation") is not None else "–"
@@ -199,8 +206,24 @@ def utilisation_markdown(section: dict) -> list[str]:
             f"| {row['name']} | {row['batch']} | "
             + " | ".join(split)
             + f" | {1e3 * row['step_s']:.1f} | {row['gflops_per_s']:.1f} | {share} | {compute} |"
+            + (f" {100 * row['gflops_per_s'] * 1e9 / onednn:.1f} % |" if onednn else "")
         )
     return lines + [""]
+
+
+def _onednn_sentence(section: dict, rate: float) -> str:
+    """The oneDNN reference rates (`matmul_rate(backend="onednn")`) as one sentence of the table's preamble, or
+    nothing where the run had none (no oneDNN in this torch, or a report written before they were measured)."""
+    onednn = {name: value for name, value in section.get("onednn_matmul_rate_flops", {}).items() if value}
+    if not onednn:
+        return ""
+    square = onednn.get("1024²")
+    rates = ", ".join(f"{name} {value / 1e9:.1f}" for name, value in onednn.items())
+    share = f": torch's fp32 rate above is {rate / square:.0%} of it" if square else ""
+    return (
+        f"The same matmuls through oneDNN (`torch.ops.mkldnn._linear_pointwise`; torch's fp32 `mm` runs MKL's "
+        f"sgemm instead): {rates} GFLOP/s{share}. "
+    )
 
 
 __all__ = ["CHAIN", "utilisation_markdown", "utilisation_section"]

@@ -358,3 +358,9 @@ def test_utilisation_section_profiles_every_reproduction_step(tmp_path, monkeypa
         assert row["utilisation"] == pytest.approx(row["flops_per_step"] / row["step_s"] / rate)
     table = "\n".join(utilisation_markdown(section))
     assert all(f"| {name} |" in table for name in names) and f"{rate / 1e9:.1f} GFLOP/s" in table
+    onednn = section["onednn_matmul_rate_flops"]
+    assert set(onednn) == {"1024²", "decoder", "lm_head"}
+    if onednn["1024²"]:  # a column of each step's share of the oneDNN rate, and the rates in the preamble
+        first = section["rows"][0]
+        assert f"{100 * first['gflops_per_s'] * 1e9 / onednn['1024²']:.1f} % |" in table
+        assert f"1024² {onednn['1024²'] / 1e9:.1f}" in table

@@ -110,3 +110,20 @@ def test_generation_flops_grow_with_the_context():
 def test_matmul_rate_is_a_plausible_rate():
     rate = matmul_rate(size=256, seconds=0.05)
     assert 1e8 < rate < 1e14
+
+
+def test_onednn_matmul_rate_times_the_same_product():
+    """The oneDNN reference rate times oneDNN's linear on dense tensors: a plausible rate, and the op it times
+    computes the product torch.mm does (a @ w.T), so the two rates divide the same FLOPs."""
+    from trainer.flops import _onednn_linear
+
+    with pytest.raises(ValueError, match="backend='mkl' is not one of"):
+        matmul_rate(size=8, backend="mkl")
+    linear = _onednn_linear()
+    if linear is None:
+        assert matmul_rate(size=64, seconds=0.01, backend="onednn") is None
+        return
+    rate = matmul_rate(shape=(48, 32, 80), seconds=0.05, backend="onednn")
+    assert 1e8 < rate < 1e14
+    a, w = torch.randn(48, 32), torch.randn(80, 32)
+    torch.testing.assert_close(linear(a, w, None, "none", [], ""), a @ w.T)

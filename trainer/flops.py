@@ -171,16 +171,43 @@ def generation_flops(model: nn.Module, prompt: dict, new_tokens: int) -> float:
     return float(total)
 
 
-def matmul_rate(size: int = 1024, seconds: float = 0.5, shape: tuple[int, int, int] | None = None) -> float:
+MATMUL_BACKENDS = ("torch", "onednn")
+
+
+def matmul_rate(
+    size: int = 1024, seconds: float = 0.5, shape: tuple[int, int, int] | None = None, backend: str = "torch"
+) -> float | None:
     """fp32 FLOP/s of a square `size` matmul (or an (m, k) @ (k, n) one, `shape=(m, k, n)`) on this process's torch
     threads (`torch.get_num_threads()`): the rate this CPU reaches on work that is nothing but such matmuls. Best of
-    repeated timed groups (a shared machine's noise only ever slows a sample down)."""
+    repeated timed groups (a shared machine's noise only ever slows a sample down).
+
+    `backend="torch"` times `torch.mm`, what every fp32 linear of the model runs (MKL's sgemm in the standard CPU
+    wheel). `backend="onednn"` times the same product through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op
+    inductor's CPU backend emits for a linear, on dense tensors): a second reference for how far torch's fp32 rate is
+    from what the CPU can do, since MKL's sgemm does not take its AVX-512 path on every CPU (README, Utilisation);
+    None where this torch has no oneDNN."""
     m, k, n = shape or (size, size, size)
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    out = torch.empty(m, n)
-    torch.mm(a, b, out=out)  # warm
+    a = torch.randn(m, k)
+    if backend == "torch":
+        b, out = torch.randn(k, n), torch.empty(m, n)
+
+        def call():
+            torch.mm(a, b, out=out)
+
+    elif backend == "onednn":
+        linear = _onednn_linear()
+        if linear is None:
+            return None
+        w = torch.randn(n, k)  # (out, in), a linear's weight: a @ w.T is the (m, n) product
+
+        def call():
+            linear(a, w, None, "none", [], "")
+
+    else:
+        raise ValueError(f"matmul_rate: backend={backend!r} is not one of {MATMUL_BACKENDS}")
+    call()  # warm
     start = time.perf_counter()
-    torch.mm(a, b, out=out)
+    call()
     once = max(time.perf_counter() - start, 1e-6)
     number = max(1, int(0.05 / once))
     best = float("inf")
@@ -188,9 +215,19 @@ def matmul_rate(size: int = 1024, seconds: float = 0.5, shape: tuple[int, int, i
     while time.perf_counter() < deadline or best == float("inf"):
         start = time.perf_counter()
         for _ in range(number):
-            torch.mm(a, b, out=out)
+            call()
         best = min(best, (time.perf_counter() - start) / number)
     return 2.0 * m * k * n / best
 
 
-__all__ = ["generation_flops", "head_rows", "matmul_rate", "step_flops"]
+def _onednn_linear():
+    """oneDNN's dense linear op, or None where this torch build has no oneDNN (or no longer ships the op)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+__all__ = ["MATMUL_BACKENDS", "generation_flops", "head_rows", "matmul_rate", "step_flops"]
