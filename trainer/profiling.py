@@ -15,7 +15,8 @@ and credits it with its model FLOPs: `trainer.flops.step_flops` for a causal LM 
 where labels are, backward by the trainable set), or for any other model (the CLIP pretrainer) the matmuls
 `torch.utils.flop_counter` counts in one step, forward and backward (a dense model runs exactly what it needs).
 The fp32 matmul rate is measured in the same process on the same threads when training starts, so "utilisation"
-is model FLOP/s over what this machine reaches on large matmuls at that moment.
+is model FLOP/s over what this machine reaches on large matmuls at that moment. The same matmul through oneDNN is
+measured beside it, since torch's fp32 `mm` (MKL's sgemm) reaches half of it on some CPUs (README, Utilisation).
 
 The first `warmup` steps (allocations, lazy initialisation) are recorded but left out of the summary.
 """
@@ -65,12 +66,15 @@ class StepProfiler(TrainerCallback):
         self._needs_counter = not hasattr(getattr(model, "config", None), "num_hidden_layers")
         self._counter = None
         self._counted_flops: float | None = None
-        rate = matmul_rate(self.rate_size) if self._device is None or self._device.type == "cpu" else None
+        on_cpu = self._device is None or self._device.type == "cpu"
+        rate = matmul_rate(self.rate_size) if on_cpu else None
         self._run = {
             "name": Path(args.output_dir).name,
             "model": type(model).__name__,
             "threads": torch.get_num_threads(),
             "matmul_rate_flops": rate,
+            # the same matmul through oneDNN: how far torch's fp32 rate is from what this CPU can do (flops.py)
+            "onednn_matmul_rate_flops": matmul_rate(self.rate_size, backend="onednn") if on_cpu else None,
             "matmul_rate_size": self.rate_size,
             "batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -207,9 +211,17 @@ def markdown_table(runs: list[dict]) -> str:
             f"| {'–' if compute is None else f'{100 * compute:.1f} %'} |"
         )
     rate = next((r["matmul_rate_flops"] for r in runs if r.get("matmul_rate_flops")), None)
+    onednn = next((r["onednn_matmul_rate_flops"] for r in runs if r.get("onednn_matmul_rate_flops")), None)
     foot = (
         f"\nfp32 matmul rate measured in the same process: {rate / 1e9:.1f} GFLOP/s "
-        f"({runs[0]['matmul_rate_size']}² matmul, {runs[0]['threads']} thread(s))\n"
+        f"({runs[0]['matmul_rate_size']}² matmul, {runs[0]['threads']} thread(s))"
+        + (
+            f"; the same matmul through oneDNN: {onednn / 1e9:.1f} GFLOP/s (torch's rate is {rate / onednn:.0%} "
+            "of it)"
+            if onednn
+            else ""
+        )
+        + "\n"
         if rate
         else ""
     )
