@@ -174,6 +174,8 @@ def utilisation_section(
 
 
 def utilisation_markdown(section: dict) -> list[str]:
+    """The section as Markdown: the rates it divides by (torch's, and oneDNN's where measured), then one row per step
+    with its time split and its shares of them. Renders reports written before the oneDNN rates were measured."""
     rate = section["matmul_rate_flops"]
     onednn = (section.get("onednn_matmul_rate_flops") or {}).get("1024²")  # a column where it was measured
     lines = [
@@ -214,7 +216,7 @@ def utilisation_markdown(section: dict) -> list[str]:
 def _onednn_sentence(section: dict, rate: float) -> str:
     """The oneDNN reference rates (`matmul_rate(backend="onednn")`) as one sentence of the table's preamble, or
     nothing where the run had none (no oneDNN in this torch, or a report written before they were measured)."""
-    onednn = {name: value for name, value in section.get("onednn_matmul_rate_flops", {}).items() if value}
+    onednn = {name: value for name, value in (section.get("onednn_matmul_rate_flops") or {}).items() if value}
     if not onednn:
         return ""
     square = onednn.get("1024²")

@@ -332,6 +332,38 @@ def test_section_rounds_are_clamped_only_when_not_set_explicitly():
     assert _clamp(3, 7, None) == 7 and _clamp(7, None, 5) == 5 and _clamp(4, 2, 6) == 4
 
 
+def test_utilisation_markdown_reads_reports_without_onednn_rates():
+    """A report written before the oneDNN rates were measured (or by a torch without oneDNN: None each) renders
+    without their column or sentence."""
+    from benchmarks.reproduction import utilisation_markdown
+
+    row = {
+        "name": "Stage 1",
+        "batch": 16,
+        "step_s": 0.1,
+        "gflops_per_s": 50.0,
+        "utilisation": 0.5,
+        "compute_utilisation": 0.6,
+        "seconds": dict.fromkeys(("data", "forward", "backward", "optimizer", "bookkeeping"), 0.02),
+    }
+    section = {
+        "title": "Utilisation",
+        "matmul_rate_flops": 1e11,
+        "threads": 1,
+        "steps_per_training_run": 12,
+        "rows": [row],
+    }
+    for old in (
+        section,
+        {**section, "onednn_matmul_rate_flops": None},
+        {**section, "onednn_matmul_rate_flops": {"1024²": None, "decoder": None}},
+    ):
+        table = "\n".join(utilisation_markdown(old))
+        assert "| Stage 1 | 16 |" in table and "oneDNN" not in table
+    table = "\n".join(utilisation_markdown({**section, "onednn_matmul_rate_flops": {"1024²": 2e11}}))
+    assert "| 25.0 % |" in table and "torch's fp32 rate above is 50% of it" in table
+
+
 def test_utilisation_section_profiles_every_reproduction_step(tmp_path, monkeypatch):
     """The short reproduction chain on a small generated world: one row per step, each row's share being its own
     FLOPs over its own time over the rate measured in the run, and the table shows them all."""
@@ -362,5 +394,6 @@ def test_utilisation_section_profiles_every_reproduction_step(tmp_path, monkeypa
     assert set(onednn) == {"1024²", "decoder", "lm_head"}
     if onednn["1024²"]:  # a column of each step's share of the oneDNN rate, and the rates in the preamble
         first = section["rows"][0]
+        assert "| compute only | of oneDNN rate |" in table
         assert f"{100 * first['gflops_per_s'] * 1e9 / onednn['1024²']:.1f} % |" in table
         assert f"1024² {onednn['1024²'] / 1e9:.1f}" in table

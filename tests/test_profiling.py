@@ -76,7 +76,11 @@ def test_summary_and_table_divide_by_the_measured_rate(profiled, tmp_path):
     table = markdown_table(profiler.runs)
     assert "| stage2 | 4 |" in table and "GFLOP/s" in table and "matmul rate measured" in table
     onednn = run["onednn_matmul_rate_flops"]  # None only where this torch has no oneDNN
-    assert (f"through oneDNN: {onednn / 1e9:.1f} GFLOP/s" in table) if onednn else ("oneDNN" not in table)
+    if onednn:
+        assert f"through oneDNN: {onednn / 1e9:.1f} GFLOP/s" in table
+        assert f"torch's rate is {run['matmul_rate_flops'] / onednn:.0%} of it" in table
+    else:
+        assert "oneDNN" not in table
     saved = json.loads(profiler.write(tmp_path / PROFILE_FILE).read_text())
     assert saved["runs"][0]["summary"] == summary
 

@@ -191,7 +191,8 @@ def summarise(steps: list[dict], rate: float | None) -> dict:
 
 
 def markdown_table(runs: list[dict]) -> str:
-    """One row per profiled run: the time split (ms, medians), GFLOP/s and the share of the matmul rate."""
+    """One row per profiled run: the time split (ms, medians), GFLOP/s and the share of the matmul rate; a footer
+    with that rate and, where measured, the same matmul's rate through oneDNN."""
     header = (
         "| step | batch | data | forward | backward | optimizer | bookkeeping | step (ms) | GFLOP/s "
         "| of matmul rate | compute only |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -210,22 +211,25 @@ def markdown_table(runs: list[dict]) -> str:
             f"| {'–' if share is None else f'{100 * share:.1f} %'} "
             f"| {'–' if compute is None else f'{100 * compute:.1f} %'} |"
         )
+    return header + "\n".join(rows) + "\n" + _rates_footer(runs)
+
+
+def _rates_footer(runs: list[dict]) -> str:
+    """The matmul rate the shares divide by, and oneDNN's for the same matmul where it was measured; empty where no
+    rate was (a GPU run)."""
     rate = next((r["matmul_rate_flops"] for r in runs if r.get("matmul_rate_flops")), None)
+    if not rate:
+        return ""
     onednn = next((r["onednn_matmul_rate_flops"] for r in runs if r.get("onednn_matmul_rate_flops")), None)
-    foot = (
-        f"\nfp32 matmul rate measured in the same process: {rate / 1e9:.1f} GFLOP/s "
-        f"({runs[0]['matmul_rate_size']}² matmul, {runs[0]['threads']} thread(s))"
-        + (
-            f"; the same matmul through oneDNN: {onednn / 1e9:.1f} GFLOP/s (torch's rate is {rate / onednn:.0%} "
-            "of it)"
-            if onednn
-            else ""
-        )
-        + "\n"
-        if rate
+    beside = (
+        f"; the same matmul through oneDNN: {onednn / 1e9:.1f} GFLOP/s (torch's rate is {rate / onednn:.0%} of it)"
+        if onednn
         else ""
     )
-    return header + "\n".join(rows) + "\n" + foot
+    return (
+        f"\nfp32 matmul rate measured in the same process: {rate / 1e9:.1f} GFLOP/s "
+        f"({runs[0]['matmul_rate_size']}² matmul, {runs[0]['threads']} thread(s)){beside}\n"
+    )
 
 
 __all__ = ["PHASES", "PROFILE_FILE", "StepProfiler", "markdown_table", "summarise"]
