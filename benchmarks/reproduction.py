@@ -177,7 +177,9 @@ def utilisation_markdown(section: dict) -> list[str]:
     """The section as Markdown: the rates it divides by (torch's, and oneDNN's where measured), then one row per step
     with its time split and its shares of them. Renders reports written before the oneDNN rates were measured."""
     rate = section["matmul_rate_flops"]
-    onednn = (section.get("onednn_matmul_rate_flops") or {}).get("1024²")  # a column where it was measured
+    # the oneDNN rates that were measured (none in older reports, or where this torch has no oneDNN)
+    onednn_rates = {k: v for k, v in (section.get("onednn_matmul_rate_flops") or {}).items() if v}
+    onednn = onednn_rates.get("1024²")  # a column where it was measured
     lines = [
         f"#### {section['title']}",
         "",
@@ -188,7 +190,7 @@ def utilisation_markdown(section: dict) -> list[str]:
             for name, at in section.get("matmul_rate_at_model_shapes", {}).items()
         )
         + ". "
-        + _onednn_sentence(section, rate)
+        + _onednn_sentence(onednn_rates, rate)
         + f"Training steps: medians over {section['steps_per_training_run'] - 1} "
         "steps of a short run of each recipe (first step left out); time per step in ms.",
         "",
@@ -213,10 +215,9 @@ def utilisation_markdown(section: dict) -> list[str]:
     return lines + [""]
 
 
-def _onednn_sentence(section: dict, rate: float) -> str:
-    """The oneDNN reference rates (`matmul_rate(backend="onednn")`) as one sentence of the table's preamble, or
-    nothing where the run had none (no oneDNN in this torch, or a report written before they were measured)."""
-    onednn = {name: value for name, value in (section.get("onednn_matmul_rate_flops") or {}).items() if value}
+def _onednn_sentence(onednn: dict[str, float], rate: float) -> str:
+    """The measured oneDNN reference rates (`matmul_rate(backend="onednn")`, by shape name) as one sentence of the
+    table's preamble, or nothing where there are none."""
     if not onednn:
         return ""
     square = onednn.get("1024²")

@@ -181,8 +181,8 @@ def matmul_rate(
     threads (`torch.get_num_threads()`): the rate this CPU reaches on work that is nothing but such matmuls. Best of
     repeated timed groups (a shared machine's noise only ever slows a sample down).
 
-    `backend` is one of `MATMUL_BACKENDS`: `"torch"` times `torch.mm`, what every fp32 linear of the model runs (MKL's sgemm in the standard CPU
-    wheel). `backend="onednn"` times the same product through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op
+    `backend` is one of `MATMUL_BACKENDS`. `"torch"` times `torch.mm`, what every fp32 linear of the model runs
+    (MKL's sgemm in the standard CPU wheel). `"onednn"` times the same product through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op
     inductor's CPU backend emits for a linear, on dense tensors): a second reference for how far torch's fp32 rate is
     from what the CPU can do, since MKL's sgemm reaches half of oneDNN's rate on some CPUs (README, Utilisation);
     None where this torch has no oneDNN or its op fails."""
@@ -203,14 +203,13 @@ def matmul_rate(
         def call():
             linear(a, w, None, "none", [], "")
 
+        try:  # the op may be there yet refuse this build's tensors: then no reference rate rather than a crash
+            call()
+        except RuntimeError:
+            return None
     else:
         raise ValueError(f"matmul_rate: backend={backend!r} is not one of {MATMUL_BACKENDS}")
-    try:
-        call()  # warm
-    except RuntimeError:
-        if backend == "torch":
-            raise
-        return None  # the op is there but refuses this build's tensors: no reference rate rather than a crash
+    call()  # warm
     start = time.perf_counter()
     call()
     once = max(time.perf_counter() - start, 1e-6)
