@@ -83,6 +83,7 @@ def _worker(out: Path) -> None:
     from conftest import tiny_config
 
     from modeling_moe_vlm import MoeVlmForCausalLM
+    from trainer.sharding import end_distributed
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
@@ -113,6 +114,10 @@ def _worker(out: Path) -> None:
         "loss": float(loss.detach()),
     }
     (out / f"rank-{record['rank']}.json").write_text(json.dumps(record))
+    # Without a teardown, rank 1 once aborted at exit after writing its record (torch 2.15.0, gloo's threads).
+    engine.destroy()
+    del engine, model, params
+    end_distributed()
 
 
 if __name__ == "__main__":

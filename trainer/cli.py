@@ -24,6 +24,7 @@ STAGE_CHOICES = ("pretrain", "0", "1", "2", "2.5", "3", "dense")
 def _cmd_train(args) -> None:
     from .recipes import build_parser, parse_recipe
     from .run import run
+    from .sharding import end_distributed
 
     if args.help_recipe:
         build_parser(args.stage, args.recipe).print_help()
@@ -41,7 +42,7 @@ def _cmd_train(args) -> None:
 
         profiler = StepProfiler()
     out = run(recipe, callbacks=[profiler] if profiler else [])
-    _end_distributed()
+    end_distributed()
     if recipe.training.process_index == 0:
         print(f"stage {args.stage} -> {out}")
         if profiler is not None and profiler.runs:
@@ -49,28 +50,6 @@ def _cmd_train(args) -> None:
 
             print(markdown_table(profiler.runs))
             print(f"wrote {profiler.write(out / PROFILE_FILE)}")
-
-
-def _end_distributed() -> None:
-    """Tear the process group down before exit under `accelerate launch` / torchrun, as PyTorch asks (the Trainer
-    never does). Left to the interpreter's exit, gloo's threads were seen aborting a finished rank ("terminate called
-    without an active exception", FSDP2 on CPU) after its model was written; CI saw it once more (rank 1 of a Stage 3
-    FSDP2 run, 2026-12-04) with a bare `destroy_process_group` here, not reproduced in 10 local runs of that test. So, in order:
-    - `gc.collect()`: the finished Trainer and its FSDP2 model sit in reference cycles; their DTensors' device mesh
-      holds the process group, which would otherwise be destroyed only during interpreter finalization;
-    - `barrier()`: no rank shuts its gloo pairs while the other still has a collective or its writes in flight;
-    - `destroy_process_group()`, then `gc.collect()` again, so the group's C++ side (and its worker threads) is
-      joined here, while the interpreter is whole."""
-    import gc
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
 
 
 def _cmd_init(args) -> None:
