@@ -182,10 +182,10 @@ def matmul_rate(
     repeated timed groups (a shared machine's noise only ever slows a sample down).
 
     `backend` is one of `MATMUL_BACKENDS`. `"torch"` times `torch.mm`, what every fp32 linear of the model runs
-    (MKL's sgemm in the standard CPU wheel). `"onednn"` times the same product through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op
-    inductor's CPU backend emits for a linear, on dense tensors): a second reference for how far torch's fp32 rate is
-    from what the CPU can do, since MKL's sgemm reaches half of oneDNN's rate on some CPUs (README, Utilisation);
-    None where this torch has no oneDNN or its op fails."""
+    (MKL's sgemm in the standard CPU wheel). `"onednn"` times the same product through oneDNN
+    (`torch.ops.mkldnn._linear_pointwise`, the op inductor's CPU backend emits for a linear, on dense tensors): a
+    second reference for how far torch's fp32 rate is from what the CPU can do, since MKL's sgemm reaches half of
+    oneDNN's rate on some CPUs (README, Utilisation); None where this torch has no oneDNN or its op fails."""
     m, k, n = shape or (size, size, size)
     a = torch.randn(m, k)
     if backend == "torch":

@@ -51,7 +51,8 @@ def enable_fsdp_on_cpu(accelerator) -> FullyShardedDataParallelPlugin:
 
 def end_distributed() -> None:
     """Tear the process group down before exit under `accelerate launch` / torchrun, as PyTorch asks; the Trainer
-    never does, nor does `deepspeed.initialize`. `moe-vlm train` ends with it, and so do the tests' torchrun workers.
+    never does, nor does `deepspeed.initialize`. `moe-vlm train` ends with it, and so does the one torchrun worker of
+    the tests' own (`tests/test_deepspeed_zero3.py`).
 
     Left to the interpreter's exit, gloo's threads were seen aborting a finished rank ("terminate called without an
     active exception") after its work was written: FSDP2 on CPU; then rank 1 of a Stage 3 FSDP2 run in CI
