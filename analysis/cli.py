@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from configuration.cli_inputs import at_least
 from trainer.safe_loading import ALLOW_PICKLE_HELP
 
 
@@ -51,19 +52,15 @@ def _cmd_evaluate(args) -> None:
 
 
 def _cmd_route(args) -> None:
-    from PIL import Image
-
     from .captioning import training_prompt_format
     from .routing import format_routing, route_sample
     from .run import load_checkpoint
 
+    image = open_image(args.image) if args.image else None  # before the model loads: a bad file costs nothing
     model, processor = load_checkpoint(args.model, args.allow_pickle)
     if args.router_mode:
         model.set_router_mode(args.router_mode)
-    if args.image:
-        with Image.open(args.image) as opened:
-            image = opened.convert("RGB")
-    else:
+    if image is None:
         image = example_image(model.config.vision_config.image_size)
     text = args.text if "<image>" in args.text else "<image>\n" + args.text
     # auto: the model's own training format (a stage directory's recipe, else the processor's prompt_format)
@@ -77,6 +74,21 @@ def _cmd_route(args) -> None:
         f"{len(routing['is_image']) - n_image} text tokens)"
     )
     print(format_routing(routing))
+
+
+def open_image(path: str):
+    """`--image` as an RGB image, or an error naming the flag: no such file, a folder, or not an image PIL reads."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--image {path}: {'a folder' if Path(path).is_dir() else 'no such file'}")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--image {path}: not an image PIL can read ({error})") from None
 
 
 def example_image(size: int):
@@ -102,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--data", default=None, help="a saved DatasetDict (default: the Shapes world)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--n-samples", type=int, default=200 if name == "analyze" else 100)
+        p.add_argument("--n-samples", type=at_least(1), default=200 if name == "analyze" else 100)
         p.add_argument("--allow-pickle", "--allow_pickle", action="store_true", help=ALLOW_PICKLE_HELP)
         if name == "evaluate":
             p.add_argument(
@@ -116,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "analyze":
             p.add_argument("--init", default=None, help="Stage-0 dir: measure expert weight distance from it")
             p.add_argument(
-                "--n-probe", type=int, default=None, help="images/captions per concept (default: all)"
+                "--n-probe", type=at_least(1), default=None, help="images/captions per concept (default: all)"
             )
             p.add_argument("--n-permutations", type=int, default=1000)
         p.set_defaults(func=func)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from configuration.atomic import write_atomic
+from configuration.cli_inputs import check_out_dir
 from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, PROBE_CHOICES_FILE, ROUTING_LOG_FILE
 from trainer.routing_stats import read_routing_log
 
@@ -319,10 +320,10 @@ def analyze(
 
     started = time.time()
     torch.manual_seed(seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_out_dir(out_dir)
     model, processor = load_checkpoint(model_dir, allow_pickle)
     data = load_data(data_dir, seed, model.config.vision_config.image_size)
+    out_dir.mkdir(parents=True, exist_ok=True)  # once the model and data load: a bad one leaves no folder
     collator = MoeVlmCollator(processor)
     layers = list(range(model.config.num_hidden_layers))
     is_moe = bool(model.config.moe_layers)
@@ -473,10 +474,10 @@ def evaluate(
     `{id: {"prediction": raw caption, "references": [...], "predictions": {format: caption}}}`.
     """
     started = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_out_dir(out_dir)
     model, processor = load_checkpoint(model_dir, allow_pickle)
     data = load_data(data_dir, seed, model.config.vision_config.image_size)
+    out_dir.mkdir(parents=True, exist_ok=True)  # once the model and data load: a bad one leaves no folder
     rows = first_rows(data["test"], n_samples)
     own_format = training_prompt_format(model_dir, processor)
     formats = evaluation_prompt_formats(own_format, prompt_formats)

@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.runs < 1:
         raise ValueError(f"--runs must be >= 1, got {args.runs}")
+    from configuration.cli_inputs import check_out_dir
+
+    check_out_dir(args.out)  # before measuring: a file there would lose the whole run's results at the end
     if args.runs > 1:  # the runs measure in their own processes: this one imports neither torch nor the cases
         return _pooled(args)
     import os

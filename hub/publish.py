@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from configuration.cli_inputs import check_out_dir
 from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, RECIPE_FILE
 from configuration.contract import ROUTING_SUMMARY_FILE as ROUTING_STATS_FILE
 
@@ -209,10 +210,11 @@ def prepare_out(out: Path, source: Path, overwrite: bool, what: str = "the model
     out_r, source_r = out.resolve(), source.resolve()
     if out_r == source_r or source_r in out_r.parents or out_r in source_r.parents:
         raise ValueError(f"--out {out} overlaps {what} {source}: stage into a separate folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_out_dir(out)  # a file is refused even with --overwrite, which only promises to empty a folder
+    if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"--out {out} exists and is not empty: choose a new folder or pass --overwrite")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
 

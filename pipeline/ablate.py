@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from configuration.atomic import write_atomic
+from configuration.cli_inputs import check_out_dir
 from configuration.contract import ANALYSIS_FILE, CAPTIONING_FILE, COMPLETION_MARKER, TRANSFER_FILE
 
 from .seeds import interval, seed_dir_name
@@ -299,11 +300,9 @@ def cell_metrics(cell: Path) -> dict[str, float]:
     return metrics
 
 
-def prepare_transfer(seed_dir: Path, seed: int, extra: dict[str, str] | None, log=print) -> dict[str, str]:
-    """The transfer worlds of one seed's cells: its shifted Shapes world (built once, cached, at the image size of
-    its Stage 2) and the `extra` ones ({name: saved DatasetDict directory}, checked to exist)."""
-    from trainer.data.shifted import build_shifted_shapes
-
+def check_transfer(extra: dict[str, str] | None) -> None:
+    """Refuse a `--transfer NAME=DIR` whose name is not a word (or is the shifted world's) or whose folder holds no
+    saved DatasetDict."""
     for name, path in (extra or {}).items():
         if name == SHIFTED or not name.isidentifier():
             raise ValueError(f"--transfer {name}={path}: the name must be a word other than {SHIFTED!r}")
@@ -312,6 +311,14 @@ def prepare_transfer(seed_dir: Path, seed: int, extra: dict[str, str] | None, lo
                 f"--transfer {name}={path}: not a saved DatasetDict (no dataset_dict.json there; write one with "
                 "DatasetDict.save_to_disk, with a `test` split)"
             )
+
+
+def prepare_transfer(seed_dir: Path, seed: int, extra: dict[str, str] | None, log=print) -> dict[str, str]:
+    """The transfer worlds of one seed's cells: its shifted Shapes world (built once, cached, at the image size of
+    its Stage 2) and the `extra` ones ({name: saved DatasetDict directory}, checked to exist)."""
+    from trainer.data.shifted import build_shifted_shapes
+
+    check_transfer(extra)
     log(f"[ablate] seed {seed}: shifted Shapes world for transfer ...")
     worlds = {SHIFTED: str(build_shifted_shapes(seed=seed, image_size=_image_size(seed_dir / "stage2")))}
     return {**worlds, **{name: str(path) for name, path in (extra or {}).items()}}
@@ -351,9 +358,12 @@ def ablate(
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds needs distinct seeds, got {seeds}")
     cores = os.cpu_count() or 1
-    jobs = max(1, cores // 2) if jobs is None else max(1, int(jobs))
+    if jobs is not None and int(jobs) < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    jobs = max(1, cores // 2) if jobs is None else int(jobs)
     threads = max(1, cores // jobs)
-    out.mkdir(parents=True, exist_ok=True)
+    check_transfer(transfer)  # before anything trains: a wrong folder is found in a second, not after Stage 2
+    check_out_dir(out).mkdir(parents=True, exist_ok=True)
     started = time.time()
     pretraining = Pretraining(out, cache=cache)
     trained = [prepare_seed(out / seed_dir_name(seed), seed, pretraining, log) for seed in seeds]

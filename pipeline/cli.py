@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from configuration.cli_inputs import at_least
+
 
 def _cmd_reproduce(args) -> None:
     from .reproduce import reproduce, reproduce_seeds
@@ -61,15 +63,17 @@ def _register_ablate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--jobs",
-        type=int,
+        type=at_least(1),
         default=None,
         help="cells run at once, each in its own process (default: cores / 2)",
     )
-    p.add_argument("--n-samples", type=int, default=200, help="test captions for routing/crossover analyses")
-    p.add_argument("--n-eval", type=int, default=100, help="test images captioned for the metrics")
+    p.add_argument(
+        "--n-samples", type=at_least(1), default=200, help="test captions for routing/crossover analyses"
+    )
+    p.add_argument("--n-eval", type=at_least(1), default=100, help="test images captioned for the metrics")
     p.add_argument(
         "--max-steps",
-        type=int,
+        type=at_least(1),
         default=None,
         help="Stage 3 steps for every variant (a smoke budget; default: each variant's own recipe)",
     )
@@ -83,7 +87,10 @@ def _register_ablate(sub: argparse._SubParsersAction) -> None:
         "the seed's shifted Shapes world is always measured",
     )
     p.add_argument(
-        "--n-instruction", type=int, default=8, help="held-out questions per kind asked in the shifted world"
+        "--n-instruction",
+        type=at_least(0),
+        default=8,
+        help="held-out questions per kind asked in the shifted world",
     )
     p.add_argument("--no-cache", action="store_true", help="build the pretraining inside --out")
     p.set_defaults(func=_cmd_ablate)
@@ -115,8 +122,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="several seeds: each into OUT/seed<N>/, then a report across them in OUT (mean, 95%% t interval and "
         "per-seed values of every headline number); one value is the same as --seed",
     )
-    p.add_argument("--n-samples", type=int, default=200, help="test captions for routing/crossover analyses")
-    p.add_argument("--n-eval", type=int, default=100, help="test images captioned for the metrics")
+    p.add_argument(
+        "--n-samples", type=at_least(1), default=200, help="test captions for routing/crossover analyses"
+    )
+    p.add_argument("--n-eval", type=at_least(1), default=100, help="test images captioned for the metrics")
     p.add_argument(
         "--no-cache",
         action="store_true",

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from configuration.atomic import write_atomic
+from configuration.cli_inputs import check_out_dir
 from configuration.contract import (
     ANALYSIS_FILE,
     CAPTIONING_FILE,
@@ -143,7 +144,9 @@ class Pretraining:
 
 
 def _check_layout(out: Path, multi: bool) -> None:
-    """One output folder holds one layout: refuse a single-seed run over a multi-seed folder and the reverse."""
+    """One output folder holds one layout: refuse a single-seed run over a multi-seed folder and the reverse (and
+    an `--out` that is no folder, before anything trains)."""
+    check_out_dir(out)
     if multi and any((out / name / COMPLETION_MARKER).is_file() for name, *_ in TRAINING_STEPS):
         raise ValueError(
             f"{out} holds a single-seed run (its stages are at the top); give several seeds another --out"

@@ -34,6 +34,7 @@ warnings.filterwarnings("ignore", message="Glyph .* missing from font", category
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402  (transformers' own dependency: in every Space)
 from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: E402
 
 if __package__:  # imported as `space.app`: the repository, `moe-vlm demo`, the tests
@@ -82,8 +83,8 @@ class RoutingDemo:
                 choice.source, trust_remote_code=True, use_safetensors=None if allow_pickle else True
             ).eval()
             self.processor = AutoProcessor.from_pretrained(choice.source, trust_remote_code=True)
-        # A Hub id that does not exist, no network to fetch it, or no safetensors weights.
-        except OSError as error:
+        # A Hub id that does not exist, no network to fetch it, no safetensors weights, or a cut-off weights file.
+        except (OSError, SafetensorError) as error:
             hint = "" if allow_pickle else " (the Space reads safetensors weights only: see --allow-pickle)"
             raise FileNotFoundError(f"could not load the model {choice.source!r}: {error}{hint}") from None
         if not hasattr(self.model, "set_router_mode") or not self.model.config.moe_layers:

@@ -53,6 +53,9 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_init(args) -> None:
+    from configuration.cli_inputs import check_out_dir
+
+    check_out_dir(args.out, refuse_finished=True)  # before building a model: a bad --out costs nothing
     from .upcycle import init_model
 
     out = init_model(

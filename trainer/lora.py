@@ -11,12 +11,11 @@ expert); attention and the connector are `nn.Linear`s (`target_modules`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
-from configuration.contract import ADAPTER_CONFIG_FILE, COMPLETION_MARKER
+from configuration.contract import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, COMPLETION_MARKER
 
 from .freezing import PARAMETER_GROUPS, group_of, trainable_names
 
@@ -124,10 +123,13 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path) -> Path:
     completion marker (the stage's, `merged_from` added, `adapter` moved to `merged_adapter`), written last, so
     `from_pretrained`, the next stage and `moe-vlm analyze` take it as a stage directory."""
     from peft import PeftModel
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    from .safe_loading import from_pretrained_checked
-    from .stage_dirs import clear_marker, write_marker
+    from configuration.cli_inputs import check_out_dir
+
+    from .safe_loading import from_pretrained_checked, unreadable_safetensors
+    from .stage_dirs import clear_marker, read_json, write_marker
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     if not (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
@@ -140,14 +142,21 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path) -> Path:
         raise FileNotFoundError(
             f"--adapter {adapter_dir}: no {COMPLETION_MARKER}, the LoRA stage did not finish"
         )
-    marker = json.loads((adapter_dir / COMPLETION_MARKER).read_text())
-    base = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text()).get("base_model_name_or_path")
+    check_out_dir(out, refuse_finished=True)
+    marker = read_json(adapter_dir / COMPLETION_MARKER)
+    adapter_config = read_json(adapter_dir / ADAPTER_CONFIG_FILE)
+    if not isinstance(adapter_config, dict):
+        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG_FILE} is not PEFT's adapter config (a JSON object)")
+    base = adapter_config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         raise FileNotFoundError(
             f"{adapter_dir}: the adapter's base model {base!r} (the stage's --from directory) is not a directory"
         )
     model = from_pretrained_checked(AutoModelForCausalLM, base, trust_remote_code=True)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except SafetensorError as error:
+        raise unreadable_safetensors(adapter_dir / ADAPTER_WEIGHTS_FILE, error) from error
     out.mkdir(parents=True, exist_ok=True)
     clear_marker(out)
     merged.save_pretrained(out)

@@ -345,6 +345,9 @@ class PretrainArguments:
                         f"the embedded pretraining recipe {recipe_path('pretrain')} must set {f.name}"
                     )
                 setattr(self, f.name, embedded[f.name])
+        for name in ("clip_max_steps", "clip_batch_size", "lm_max_steps", "lm_batch_size", "lm_block_size"):
+            if getattr(self, name) < 1:  # each run's own budget: TrainingArguments' max_steps does not apply
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 ARGUMENT_CLASSES = (StageArguments, PretrainArguments, TrainingArguments)
@@ -382,7 +385,22 @@ def field_names(*classes: type) -> set[str]:
 
 
 def load_recipe_file(path: Path | Traversable) -> dict:
-    values = yaml.safe_load(path.read_text()) or {}
+    """A recipe file's fields, refused with the file named when it is not YAML, is empty (a recipe file replaces the
+    embedded recipe whole, so an empty one would train on the dataclasses' defaults, not on any recipe), is not a
+    mapping, or names a field no argument class has."""
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ValueError(
+            f"recipe {path} is not valid YAML{at} ({getattr(error, 'problem', None) or error}): fix the file"
+        ) from None
+    if values is None:
+        raise ValueError(
+            f"recipe {path} is empty: a recipe file replaces the embedded recipe whole, so give its fields (copy "
+            f"{RECIPE_DIR}/<stage>.yaml and edit it), or drop --recipe to train on the embedded one"
+        )
     if not isinstance(values, dict):
         raise ValueError(f"recipe {path} must be a mapping of field: value")
     unknown = sorted(set(values) - field_names())
@@ -453,6 +471,7 @@ def parse_recipe(
     stage_args, pretrain_args, training_args = parser.parse_args_into_dataclasses(args=list(overrides))
     if stage_args.stage != stage:
         raise ValueError(f"--stage {stage} was given, but the overrides set stage {stage_args.stage}")
+    check_step_budget(training_args)
     training_fields = field_names(TrainingArguments)
     given = {
         key: value
@@ -460,6 +479,20 @@ def parse_recipe(
         if key in training_fields and (key in values or value != declared.get(key))
     }
     return Recipe(stage_args, pretrain_args, training_args, given)
+
+
+def check_step_budget(training: TrainingArguments) -> None:
+    """Refuse a budget of no steps, or one transformers would read as another: it takes any `max_steps` <= 0 as
+    "train `num_train_epochs` epochs" (so `--max_steps -5` would train the recipe's epochs), and with no epochs
+    either it trains nothing yet the stage would be saved and marked finished."""
+    if training.max_steps == 0 or training.max_steps < -1:
+        raise ValueError(
+            f"max_steps must be >= 1, or -1 to train num_train_epochs epochs; got {training.max_steps}"
+        )
+    if training.max_steps == -1 and not training.num_train_epochs > 0:
+        raise ValueError(
+            f"num_train_epochs must be > 0 when max_steps is -1 (no step budget); got {training.num_train_epochs}"
+        )
 
 
 def resolved_recipe(recipe: Recipe) -> dict:

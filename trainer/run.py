@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, set_seed
 
+from configuration.cli_inputs import check_out_dir
+
 from .callbacks import ProcessInfoCallback
 from .data import MoeVlmCollator
 from .dense import to_dense
@@ -30,7 +32,11 @@ logger = logging.getLogger("moe_vlm.trainer")
 
 
 def run(recipe: Recipe, callbacks=()) -> Path:
-    """Run `recipe.stage.stage`; returns its output directory. `callbacks` are added to the stage's Trainer(s)."""
+    """Run `recipe.stage.stage`; returns its output directory. `callbacks` are added to the stage's Trainer(s).
+
+    Refuses, before anything loads, an output directory that is not a folder or already holds a finished stage:
+    training into it would replace that stage (a resumed run's folder has no marker yet, so it still resumes)."""
+    check_out_dir(recipe.training.output_dir, refuse_finished=True)
     stage = recipe.stage.stage
     if stage == "pretrain":
         from .pretrain import run_pretraining

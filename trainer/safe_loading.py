@@ -117,12 +117,35 @@ def from_pretrained_checked(model_class, source: str | Path, allow_pickle: bool 
         # transformers' RuntimeError.
         "ignore_mismatched_sizes": True,
     }
+    from safetensors import SafetensorError
+
     try:
         model, info = model_class.from_pretrained(str(source), **kwargs)
     except pickle.UnpicklingError as error:
         raise _unpickling_refused(source, error) from error
+    except SafetensorError as error:
+        raise unreadable_safetensors(source, error) from error
     check_loading_info(info, source)
     return model
+
+
+def unreadable_safetensors(source: str | Path, error: Exception) -> ValueError:
+    """The error for weights safetensors cannot read (`SafetensorError`: an empty, cut-off or foreign file), naming
+    the folder's safetensors files, since safetensors' own message names none."""
+    source = Path(source)
+    files = sorted(source.glob("*.safetensors")) if source.is_dir() else [source]
+    names = ", ".join(str(f) for f in files) or str(source)
+    return ValueError(
+        f"{names}: cannot be read as safetensors ({error}): the file is truncated or not a safetensors file; "
+        "copy or save it again"
+    )
+
+
+def looks_local(source: str | Path) -> bool:
+    """Whether a model source that is not on this machine was meant as a local path rather than a Hub id
+    (`ORG/NAME`, which never starts with `/`, `.` or `~` and has one slash at most)."""
+    text = str(source)
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
 
 
 def check_config(source: str | Path, trust_remote_code: bool = False) -> None:
@@ -131,11 +154,15 @@ def check_config(source: str | Path, trust_remote_code: bool = False) -> None:
     check_moe_vlm`) is reported with the file to fix."""
     from transformers import AutoConfig
 
+    if not Path(source).exists() and looks_local(source):
+        raise FileNotFoundError(f"{source} does not exist (a model folder here, or a Hub id ORG/NAME)")
+    where = Path(source) / "config.json" if Path(source).is_dir() else source
     try:
         AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except ValueError as error:
-        where = Path(source) / "config.json" if Path(source).is_dir() else source
         raise ValueError(f"{where}: {error}") from error
+    except OSError as error:  # transformers' message (not JSON, no such Hub repo, offline), on one line
+        raise ValueError(f"{where}: {' '.join(str(error).split())}") from error
 
 
 def load_pickled_weights(path: str | Path, allow_pickle: bool = False) -> dict:

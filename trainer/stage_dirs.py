@@ -61,7 +61,18 @@ def read_marker(directory: str | Path, for_stage: str) -> dict:
             f"{directory} has no {COMPLETION_MARKER}: it is not a finished stage (an interrupted run, or not a stage "
             f"output); run `{_first_command(for_stage)}` first (or resume it with --resume_from_checkpoint true)"
         )
-    return json.loads(path.read_text())
+    return read_json(path)
+
+
+def read_json(path: Path) -> dict:
+    """A stage directory's JSON file (its marker, its `config.json`), refused naming the file when it does not parse
+    (a copy cut short, a hand edit)."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}): the file is cut short or was edited; copy or write it again"
+        ) from None
 
 
 def write_marker(directory: str | Path, record: dict) -> Path:
@@ -123,7 +134,7 @@ def check_start(stage: str, from_dir: str | Path | None, out: str | Path) -> dic
             "the plain model to start from"
         )
     config_path = from_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
     what = f"{from_dir} (Stage {previous})"
     start_from = f"start from the output of Stage {' or '.join(PREVIOUS[stage])} (`{_first_command(stage)}`)"
     if config.get("model_type") != "moe_vlm":

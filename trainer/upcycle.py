@@ -30,6 +30,27 @@ def load_vision_state(path: str, allow_pickle: bool = False) -> dict[str, torch.
     return visual or state
 
 
+# Checkpoint suffixes a `--vision` file has (open_clip's `.pt`, or safetensors): such a value is a path, not a name.
+VISION_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def check_open_clip_name(vision: str) -> str:
+    """`vision`, a `--vision` value that is no file, as an open_clip `NAME[:TAG]` (or an `hf-hub:` id); refused,
+    naming `--vision`, when it looks like a path or names no open_clip model (open_clip's own error lists all of
+    them after a traceback)."""
+    import open_clip
+
+    name = vision.partition(":")[0]
+    if vision.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
+        return vision
+    if "/" in vision or Path(vision).suffix in VISION_FILE_SUFFIXES:
+        raise FileNotFoundError(f"--vision {vision}: no such file (give an open_clip checkpoint file)")
+    raise ValueError(
+        f"--vision {vision}: neither a file nor an open_clip model name; give a checkpoint file or NAME:TAG, e.g. "
+        "ViT-L-14:openai (`open_clip.list_pretrained()` lists them)"
+    )
+
+
 def init_model(
     out: str | Path,
     preset: str = "tiny",
@@ -48,6 +69,9 @@ def init_model(
     `allow_pickle` (`trainer.safe_loading`)."""
     spec = load_preset(preset)
     out = Path(out)
+    vision = vision if vision is not None else spec.get("vision")
+    if isinstance(vision, (str, Path)) and not Path(vision).is_file():
+        vision = check_open_clip_name(str(vision))  # before the dense model loads: a bad name costs nothing
     mistral = mistral if mistral is not None else spec.get("mistral")
     torch.manual_seed(seed)
     if mistral is None:
@@ -58,7 +82,6 @@ def init_model(
         )
     else:
         dense = mistral
-    vision = vision if vision is not None else spec.get("vision")
     fields = {**spec["moe_vlm"], **overrides}
     if isinstance(vision, (str, Path)) and Path(vision).is_file():
         vision = load_vision_state(str(vision), allow_pickle)
