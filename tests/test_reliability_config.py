@@ -54,6 +54,24 @@ CASES = [
     ("vision_config_other_width", "1", {"config": {"vision_cfg": {"width": 32}}}, "vision_config"),
     ("recipe_file_unknown_field", "1", {"recipe": {"learning_rat": 1e-4}}, "learning_rat"),
     ("command_line_unknown_field", "1", {"override": {"learning_rat": 1e-4}}, "--learning_rat"),
+    (
+        "recipe_file_not_yaml",
+        "1",
+        {"recipe_text": "stage: '1'\nlearning_rate: [1e-4\n"},
+        "is not valid YAML at line",
+    ),
+    # a recipe file replaces the embedded one whole: an empty one would train on TrainingArguments' defaults
+    ("recipe_file_empty", "1", {"recipe_text": ""}, "is empty"),
+    # transformers reads any max_steps <= 0 as "train num_train_epochs epochs"
+    ("max_steps_negative", "1", {"override": {"max_steps": -5}}, "max_steps must be >= 1, or -1"),
+    (
+        "no_step_budget",
+        "1",
+        {"override": {"max_steps": -1, "num_train_epochs": 0}},
+        "num_train_epochs must be > 0",
+    ),
+    ("config_cut_short", "1", {"file": ("config.json", '{"model_type": "moe_vlm",\n')}, "is not valid JSON"),
+    ("weights_cut_short", "1", {"file": ("model.safetensors", "")}, "cannot be read as safetensors"),
 ]
 
 
@@ -66,10 +84,14 @@ def test_bad_config_is_refused_before_training(stage, broken, field, workdir, sh
     source = dense if broken.get("from") == "dense" else stage0
     if "config" in broken:
         source = edited_stage0(stage0, case / "from", **broken["config"])
+    if "file" in broken:  # one file of the checkpoint cut short, as an interrupted copy leaves it
+        name, text = broken["file"]
+        source = edited_stage0(stage0, case / "from")
+        (source / name).write_text(text)
     argv = ["train", "--stage", stage, "--from", str(source), "--out", str(case / "out")]
-    if "recipe" in broken:
+    if "recipe" in broken or "recipe_text" in broken:
         recipe = case / "recipe.yaml"
-        recipe.write_text(json.dumps({"stage": stage, **broken["recipe"]}))
+        recipe.write_text(broken.get("recipe_text", json.dumps({"stage": stage, **broken.get("recipe", {})})))
         argv += ["--recipe", str(recipe)]
     argv += quick_args(shapes, **broken.get("override", {}))
     capsys.readouterr()
@@ -80,6 +102,10 @@ def test_bad_config_is_refused_before_training(stage, broken, field, workdir, sh
     assert error.startswith("moe-vlm train: error: ") and field in error, err
     if "config" in broken:  # which file to fix
         assert str(case / "from" / "config.json") in error, error
+    if "file" in broken:
+        assert str(case / "from" / broken["file"][0]) in error, error
+    if "recipe_text" in broken:
+        assert str(case / "recipe.yaml") in error, error
     assert not (case / "out").exists(), "the stage wrote its output directory before refusing"
 
 

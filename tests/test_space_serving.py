@@ -245,6 +245,16 @@ def test_an_upload_above_the_limit_is_refused_with_its_size(space, tmp_path):
     assert answer  # still serving
 
 
+def test_a_cut_short_weights_file_is_a_one_line_error(model_dir, tmp_path):
+    from space import app
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(model_dir, checkpoint)
+    (checkpoint / "model.safetensors").write_bytes(b"")  # an interrupted download or copy
+    with pytest.raises(FileNotFoundError, match=r"could not load the model .*checkpoint"):
+        app.RoutingDemo(model_source.choose_model(str(checkpoint)))
+
+
 # ----- pickled checkpoints ----------------------------------------------------------------------------------------------
 def test_a_checkpoint_holding_a_pickle_is_refused_unless_allowed(model_dir, tmp_path, monkeypatch):
     from space import app
