@@ -25,7 +25,14 @@ from .freezing import changed_params_check, fingerprints
 from .recipes import Recipe, StageArguments, write_resolved_recipe
 from .safe_loading import from_pretrained_checked
 from .stage_data import data_summary, load_split
-from .stage_dirs import COMPLETION_MARKER, check_start, clear_marker, remove_checkpoints, write_marker
+from .stage_dirs import (
+    COMPLETION_MARKER,
+    check_not_input,
+    check_start,
+    clear_marker,
+    remove_checkpoints,
+    write_marker,
+)
 from .stages import STAGE_TRAINERS
 
 logger = logging.getLogger("moe_vlm.trainer")
@@ -36,6 +43,9 @@ def run(recipe: Recipe, callbacks=()) -> Path:
 
     Refuses, before anything loads, an output directory that is not a folder or already holds a finished stage:
     training into it would replace that stage (a resumed run's folder has no marker yet, so it still resumes)."""
+    check_not_input(
+        recipe.stage.model_name_or_path, recipe.training.output_dir
+    )  # the more precise message first
     check_out_dir(recipe.training.output_dir, refuse_finished=True)
     stage = recipe.stage.stage
     if stage == "pretrain":

@@ -109,6 +109,12 @@ def remove_checkpoints(directory: str | Path) -> None:
     shutil.rmtree(Path(directory) / CHECKPOINT_STAGING, ignore_errors=True)
 
 
+def check_not_input(from_dir: str | Path | None, out: str | Path) -> None:
+    """Refuse an `--out` that is the `--from` directory: each stage writes its own."""
+    if from_dir is not None and Path(from_dir).resolve() == Path(out).resolve():
+        raise ValueError(f"--out {out} is the --from directory: each stage writes its own directory")
+
+
 def check_start(stage: str, from_dir: str | Path | None, out: str | Path) -> dict:
     """Check that `stage` can start from `from_dir` and write to `out`; returns the previous stage's marker.
 
@@ -117,9 +123,8 @@ def check_start(stage: str, from_dir: str | Path | None, out: str | Path) -> dic
     """
     if from_dir is None:
         raise ValueError(f"Stage {stage} needs --from: the output directory of Stage {PREVIOUS[stage][0]}")
+    check_not_input(from_dir, out)
     from_dir, out = Path(from_dir), Path(out)
-    if from_dir.resolve() == out.resolve():
-        raise ValueError(f"--out {out} is the --from directory: each stage writes its own directory")
     marker = read_marker(from_dir, stage)
     previous = str(marker.get("stage"))
     if stage == "0":
