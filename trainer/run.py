@@ -43,9 +43,8 @@ def run(recipe: Recipe, callbacks=()) -> Path:
 
     Refuses, before anything loads, an output directory that is not a folder or already holds a finished stage:
     training into it would replace that stage (a resumed run's folder has no marker yet, so it still resumes)."""
-    check_not_input(
-        recipe.stage.model_name_or_path, recipe.training.output_dir
-    )  # the more precise message first
+    # `--out` = `--from` first: its message says more than the finished-stage refusal that would also apply
+    check_not_input(recipe.stage.model_name_or_path, recipe.training.output_dir)
     check_out_dir(recipe.training.output_dir, refuse_finished=True)
     stage = recipe.stage.stage
     if stage == "pretrain":
